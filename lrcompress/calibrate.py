@@ -1,0 +1,135 @@
+"""Forward hooks that accumulate per-layer input statistics in float64, streaming batches.
+
+Linear layers get the input Gram G = sum_t x_t x_t^T over real (non-padding) tokens;
+embeddings get token counts. Activations are never stored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from .data import Batch
+from .errors import DataError
+
+
+@dataclass
+class LayerStats:
+    """Statistics of one layer's inputs: ``gram`` (n x n) for linear maps, ``counts`` (V,)
+    for embeddings; ``rows`` = number of input vectors (tokens) seen."""
+
+    gram: torch.Tensor | None = None
+    counts: torch.Tensor | None = None
+    rows: int = 0
+
+
+@dataclass
+class Calibration:
+    """Per-layer statistics keyed by module name."""
+
+    layers: dict[str, LayerStats] = field(default_factory=dict)
+    examples: int = 0
+    tokens: int = 0
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.layers and self.layers[name].rows > 0
+
+
+def _select(x: torch.Tensor, mask: torch.Tensor | None, feature_dim: bool) -> torch.Tensor:
+    """Drop padding positions when the leading dims line up with the token mask."""
+    lead = x.shape[:-1] if feature_dim else x.shape
+    if mask is not None and len(lead) == mask.dim():
+        if tuple(lead) == tuple(mask.shape):
+            return x[mask]
+        try:
+            shape = torch.broadcast_shapes(tuple(lead), tuple(mask.shape))
+        except RuntimeError:
+            shape = None
+        if shape == tuple(mask.shape):
+            full = x.expand(*shape, *x.shape[len(lead):]) if feature_dim else x.expand(*shape)
+            return full[mask]
+    return x.reshape(-1, x.shape[-1]) if feature_dim else x.reshape(-1)
+
+
+def calibrate(
+    model: nn.Module,
+    batches: Iterable[Batch],
+    names: Iterable[str],
+    *,
+    device: str | torch.device = "cpu",
+    progress: Callable[[int], None] | None = None,
+) -> Calibration:
+    """Run ``batches`` through ``model`` once and collect statistics for modules ``names``."""
+    modules = dict(model.named_modules())
+    calib = Calibration()
+    state: dict[str, object] = {"mask": None, "cache": {}}
+    handles = []
+
+    def linear_hook(name: str) -> Callable:
+        def hook(mod: nn.Module, args: tuple) -> None:
+            x = args[0]
+            key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()))
+            cache = state["cache"]
+            if key not in cache:
+                rows = _select(x.detach(), state["mask"], True).to(torch.float64)
+                if not torch.isfinite(rows).all():
+                    raise DataError(f"layer {name!r} received NaN/Inf activations; check the weights "
+                                    "and the calibration inputs")
+                cache[key] = (rows.T @ rows, rows.shape[0])
+            g, n = cache[key]
+            st = calib.layers[name]
+            st.gram = g.clone() if st.gram is None else st.gram.add_(g)
+            st.rows += n
+        return hook
+
+    def embedding_hook(name: str) -> Callable:
+        def hook(mod: nn.Module, args: tuple) -> None:
+            ids = _select(args[0].detach(), state["mask"], False)
+            st = calib.layers[name]
+            c = torch.bincount(ids.long().reshape(-1), minlength=mod.num_embeddings).to(torch.float64)
+            st.counts = c if st.counts is None else st.counts.add_(c)
+            st.rows += int(ids.numel())
+        return hook
+
+    for name in names:
+        mod = modules[name]
+        calib.layers[name] = LayerStats()
+        if isinstance(mod, nn.Embedding):
+            handles.append(mod.register_forward_pre_hook(embedding_hook(name)))
+        elif isinstance(mod, nn.Linear):
+            handles.append(mod.register_forward_pre_hook(linear_hook(name)))
+        else:
+            raise TypeError(f"cannot calibrate module {name!r} of type {type(mod).__name__}")
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for i, batch in enumerate(batches):
+                batch = batch.to(device)
+                state["mask"], state["cache"] = batch.mask, {}
+                try:
+                    batch.run(model)
+                except DataError:
+                    raise
+                except Exception as e:  # shape/dtype mismatch between data and model
+                    if i == 0:
+                        shapes = {k or "input": (tuple(v.shape), str(v.dtype).replace("torch.", ""))
+                                  for k, v in batch.inputs.items()}
+                        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+                        raise DataError(f"calibration inputs {shapes} do not fit the model ({msg}); "
+                                        "give tensors with the shape and dtype the model's forward "
+                                        "expects") from None
+                    raise
+                n_ex = next(iter(batch.inputs.values())).shape[0]
+                calib.examples += n_ex
+                calib.tokens += int(batch.mask.sum()) if batch.mask is not None else n_ex
+                if progress is not None:
+                    progress(n_ex)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return calib

@@ -1,0 +1,166 @@
+"""Compressed checkpoints: model.safetensors + lrcompress.json, written atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import CheckpointError, OutputError, SourceError
+from .layers import LowRankEmbedding, LowRankLinear, build_shell
+
+FORMAT = "lrcompress/1"
+MANIFEST = "lrcompress.json"
+WEIGHTS = "model.safetensors"
+PICKLED = "model.pt"
+
+
+def check_output(out: str | Path, overwrite: bool = False) -> Path:
+    """Refuse output paths that cannot be (re)written, before any work is done."""
+    p = Path(out)
+    if p.exists() and not p.is_dir():
+        raise OutputError(f"output {str(p)!r} is an existing file; choose a folder path with -o")
+    if p.is_dir() and any(p.iterdir()) and not overwrite:
+        raise OutputError(f"output folder {str(p)!r} is not empty; pass --overwrite or choose another -o")
+    parent = p.resolve().parent
+    probe = parent
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write under {str(probe)!r} (permission denied); choose a writable -o")
+    return p
+
+
+def factorized_layers(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """Shapes and ranks of the factorized modules, enough to rebuild their shells."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, LowRankLinear):
+            out[name] = {"kind": "linear", "shape": [mod.out_features, mod.in_features],
+                         "rank": mod.rank, "bias": mod.second.bias is not None,
+                         "dtype": str(mod.first.weight.dtype).replace("torch.", "")}
+        elif isinstance(mod, LowRankEmbedding):
+            out[name] = {"kind": "embedding", "shape": [mod.num_embeddings, mod.embedding_dim],
+                         "rank": mod.rank, "padding_idx": mod.padding_idx,
+                         "dtype": str(mod.table.weight.dtype).replace("torch.", "")}
+    return out
+
+
+def versions() -> dict[str, str]:
+    """Library versions recorded in manifests and reports."""
+    from importlib.metadata import PackageNotFoundError, version
+    out = {"python": sys.version.split()[0], "torch": torch.__version__}
+    for pkg in ("lrcompress", "transformers", "numpy", "safetensors"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def save(model: nn.Module, out: str | Path, source: dict[str, Any], *, plan: dict[str, Any] | None = None,
+         side_files: dict[str, Path] | None = None, extra_files: dict[str, str] | None = None,
+         overwrite: bool = False) -> Path:
+    """Write ``out`` atomically: a temporary sibling is filled, then renamed into place."""
+    from safetensors.torch import save_model
+
+    out = check_output(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        kind = source.get("arch", source).get("kind")
+        if kind == "pickle":
+            torch.save(model, tmp / PICKLED)
+        else:
+            save_model(model, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        for rel, src in (side_files or {}).items():
+            dst = tmp / rel
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, dst)
+        for rel, text in (extra_files or {}).items():
+            (tmp / rel).write_text(text)
+        manifest = {"format": FORMAT, "source": source.get("arch", source), "versions": versions(),
+                    "layers": factorized_layers(model), "plan": plan}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / "x")
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OutputError(f"writing {str(out)!r} failed ({e.strerror or e}); check free space and permissions") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def read_manifest(folder: str | Path) -> dict[str, Any]:
+    p = Path(folder)
+    if not (p / MANIFEST).is_file():
+        raise CheckpointError(f"{str(p)!r} is not a compressed checkpoint: {MANIFEST} is missing; pass a "
+                              "folder written by lrcompress compress")
+    try:
+        manifest = json.loads((p / MANIFEST).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{str(p / MANIFEST)!r} is not valid JSON ({e}); re-run lrcompress compress") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{str(p / MANIFEST)!r} has format {manifest.get('format') if isinstance(manifest, dict) else None!r}, "
+                              f"expected {FORMAT!r}; re-run lrcompress compress with this version")
+    return manifest
+
+
+def load(folder: str | Path, *, trust_pickle: bool = False, with_manifest: bool = False) -> Any:
+    """Rebuild the compressed model (and tokenizer, when the folder has one).
+
+    Returns ``(model, tokenizer)``, or ``(model, tokenizer, manifest)`` with ``with_manifest``.
+    """
+    from .sources import build_architecture, check_safetensors
+
+    p = Path(folder)
+    manifest = read_manifest(p)
+    spec = manifest["source"]
+    if spec.get("kind") == "pickle":
+        if not trust_pickle:
+            raise SourceError(f"{str(p)!r} stores a pickled module ({PICKLED}); loading it can run arbitrary "
+                              "code: pass --trust-pickle (trust_pickle=True) if you trust it")
+        model = torch.load(str(p / PICKLED), map_location="cpu", weights_only=False)
+    else:
+        weights = p / WEIGHTS
+        if not weights.is_file():
+            raise CheckpointError(f"{str(p)!r} has no {WEIGHTS}; the checkpoint is incomplete: re-run compress")
+        check_safetensors(weights)
+        model = build_architecture(spec, p)
+        for name, info in manifest.get("layers", {}).items():
+            shell = build_shell(info["kind"], info["shape"], info["rank"], bias=info.get("bias", False),
+                                padding_idx=info.get("padding_idx"),
+                                dtype=getattr(torch, info.get("dtype", "float32")))
+            parent_name, _, attr = name.rpartition(".")
+            try:
+                parent = model.get_submodule(parent_name) if parent_name else model
+            except AttributeError:
+                raise CheckpointError(f"manifest layer {name!r} does not exist in the rebuilt architecture; "
+                                      "the folder's files do not belong together") from None
+            setattr(parent, attr, shell)
+        from safetensors.torch import load_model
+        try:
+            load_model(model, str(weights), strict=True)
+        except RuntimeError as e:
+            raise CheckpointError(f"{str(weights)!r} does not match the manifest's architecture "
+                                  f"({str(e).splitlines()[0][:160]}); re-run compress") from None
+    model.eval()
+    tokenizer = None
+    if spec.get("kind") == "hf" and (p / "tokenizer_config.json").is_file():
+        from transformers import AutoTokenizer
+        tokenizer = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+    return (model, tokenizer, manifest) if with_manifest else (model, tokenizer)

@@ -1,0 +1,211 @@
+"""Command line: a thin click layer over the pipeline. User errors exit 2 with one line."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import click
+
+from .errors import ConfigError, LrcompressError
+
+
+def _progress(total: int | None, desc: str, enabled: bool) -> Any:
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc=desc, disable=not enabled, file=sys.stderr, leave=False,
+                dynamic_ncols=True)
+
+
+def _show_progress(quiet: bool, as_json: bool) -> bool:
+    return not quiet and not as_json and sys.stderr.isatty()
+
+
+def _parse_number(flag: str, value: str | None, kind: type) -> Any:
+    if value is None:
+        return None
+    try:
+        return kind(value)
+    except ValueError:
+        want = "an integer, e.g. 64" if kind is int else "a number, e.g. 0.5"
+        raise ConfigError(f"{flag} {value!r} is not a number; give {want}") from None
+
+
+def _device(device: str) -> str:
+    import torch
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise ConfigError(f"--device {device!r} is not cpu or cuda[:N]; pick one of them")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device} asked for but no CUDA device is available; use --device cpu")
+    return device
+
+
+source_options = [
+    click.option("--weights", type=str, default=None, help="Weights for the architecture (safetensors or state dict)."),
+    click.option("--trust-pickle", is_flag=True, help="Allow loading a fully pickled module (runs code from the file)."),
+]
+calib_options = [
+    click.option("--calib", "calib", type=str, default=None,
+                 help="Calibration data: text file (one example per line) or .npy/.npz/.safetensors."),
+    click.option("--max-length", type=int, default=128, show_default=True, help="Tokens per example."),
+    click.option("--calib-samples", type=int, default=None, help="Use only the first N examples (default: all)."),
+    click.option("--batch-size", type=int, default=32, show_default=True),
+    click.option("--targets", multiple=True, help="Layers to compress: exact name, glob or re:REGEX (repeatable)."),
+    click.option("--exclude", multiple=True, help="Layers to leave dense: exact name, glob or re:REGEX (repeatable)."),
+]
+
+
+def _apply(options: list) -> Any:
+    def deco(f: Any) -> Any:
+        for opt in reversed(options):
+            f = opt(f)
+        return f
+    return deco
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="lrcompress")
+def cli() -> None:
+    """Post-training low-rank compression for PyTorch models."""
+
+
+@cli.command()
+@click.argument("source")
+@click.option("-o", "--output", "output", type=str, default=None, help="Output folder (required unless --dry-run).")
+@_apply(source_options + calib_options)
+@click.option("--method", type=str, default=None, help="svd | svd-whiten (default: svd-whiten with --calib, else svd).")
+@click.option("--rank", type=str, default=None, help="Exact rank for every target layer.")
+@click.option("--ratio", type=str, default=None, help="Fraction of parameters to keep, in (0, 1].")
+@click.option("--energy", type=str, default=None, help="Fraction of (whitened) spectral energy to keep per layer.")
+@click.option("--allocate", type=str, default="global", show_default=True, help="uniform | global (with --ratio).")
+@click.option("--scope", type=str, default="targets", show_default=True,
+              help="--ratio counts the targeted layers' params (targets) or the whole model's (model).")
+@click.option("--solver", type=str, default="exact", show_default=True, help="exact | randomized SVD.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", type=str, default="cpu", show_default=True, help="cpu | cuda")
+@click.option("--dry-run", is_flag=True, help="Print the plan and write nothing.")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars, no table.")
+def compress(source: str, output: str | None, weights: str | None, trust_pickle: bool, calib: str | None,
+             max_length: int, calib_samples: int | None, batch_size: int, targets: tuple, exclude: tuple,
+             method: str | None, rank: str | None, ratio: str | None, energy: str | None, allocate: str,
+             scope: str, solver: str, seed: int, device: str, dry_run: bool, overwrite: bool,
+             as_json: bool, quiet: bool) -> None:
+    """Factorize SOURCE's Linear/Embedding layers and write a compressed checkpoint."""
+    import torch
+
+    from .checkpoint import check_output, save
+    from .config import CompressConfig, method_config
+    from .data import open_data
+    from .pipeline import compress_, plan
+    from .plan import plan_table
+    from .sources import resolve
+
+    method = method or ("svd-whiten" if calib else "svd")
+    config = CompressConfig(
+        method=method_config(method, solver=solver), rank=_parse_number("--rank", rank, int),
+        ratio=_parse_number("--ratio", ratio, float), energy=_parse_number("--energy", energy, float),
+        allocate=allocate, scope=scope, targets=targets, exclude=exclude, seed=seed)
+    if method == "svd-whiten" and not calib:
+        raise ConfigError("--method svd-whiten needs calibration data; pass --calib FILE or use --method svd")
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size {batch_size} must be >= 1; e.g. --batch-size 32")
+    device = _device(device)
+    if not dry_run:
+        if output is None:
+            raise ConfigError("no output folder given; pass -o OUT (or --dry-run to only print the plan)")
+        check_output(output, overwrite)
+    torch.manual_seed(seed)
+    loaded = resolve(source, weights=weights, trust_pickle=trust_pickle)
+    data = open_data(calib, loaded.tokenizer, max_length, calib_samples) if calib else None
+    show = _show_progress(quiet, as_json)
+    if dry_run:
+        p = plan(loaded.model, config, data, batch_size=batch_size)
+        click.echo(json.dumps(p.to_dict(), indent=2) if as_json else plan_table(p))
+        return
+    model = loaded.model.to(device)
+    bars: dict[str, Any] = {}
+
+    def progress(stage: str, x: Any) -> None:
+        if stage not in bars:
+            for b in bars.values():
+                b.close()
+            total = len(data) if stage == "calibrate" and data is not None else None
+            bars[stage] = _progress(total, stage, show)
+        bars[stage].update(x if isinstance(x, int) else 1)
+
+    try:
+        report = compress_(model, config, data, batch_size=batch_size, device=device, progress=progress)
+    finally:
+        for b in bars.values():
+            b.close()
+    report.source, report.output = source, output
+    save(model.cpu(), output, loaded.spec, plan=report.plan, side_files=loaded.side_files,
+         extra_files={"report.json": report.to_json() + "\n"}, overwrite=overwrite)
+    if as_json:
+        click.echo(report.to_json())
+    elif not quiet:
+        click.echo(report.table())
+        click.echo(f"wrote {output}")
+
+
+@cli.command()
+@click.argument("source")
+@_apply(source_options + calib_options)
+@click.option("--ratio", type=str, default="0.5", show_default=True, help="Show the uniform rank this ratio gives.")
+@click.option("--plot", type=str, default=None, help="Write normalized spectra to this PNG (needs matplotlib).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("-q", "--quiet", is_flag=True)
+def inspect(source: str, weights: str | None, trust_pickle: bool, calib: str | None, max_length: int,
+            calib_samples: int | None, batch_size: int, targets: tuple, exclude: tuple, ratio: str,
+            plot: str | None, as_json: bool, quiet: bool) -> None:
+    """Per layer: shape, params, break-even rank, ranks for 90/99 % energy, rank at --ratio."""
+    from .calibrate import calibrate
+    from .config import CompressConfig
+    from .data import open_data
+    from .inspect import inspect as run_inspect
+    from .plan import select_targets
+    from .sources import resolve
+
+    r = _parse_number("--ratio", ratio, float)
+    CompressConfig(ratio=r, targets=targets, exclude=exclude)  # validates ratio and patterns' syntax
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size {batch_size} must be >= 1; e.g. --batch-size 32")
+    if plot is not None:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise ConfigError("--plot needs matplotlib; install it with pip install 'lrcompress[plot]'") from None
+    loaded = resolve(source, weights=weights, trust_pickle=trust_pickle)
+    stats = None
+    if calib:
+        data = open_data(calib, loaded.tokenizer, max_length, calib_samples)
+        names = select_targets(loaded.model, targets, exclude)
+        stats = calibrate(loaded.model, data.batches(batch_size), names)
+    rep = run_inspect(loaded.model, stats, ratio=r, targets=targets, exclude=exclude)
+    if plot is not None:
+        rep.plot(plot)
+    if as_json:
+        click.echo(rep.to_json())
+    elif not quiet:
+        click.echo(rep.table())
+        if plot:
+            click.echo(f"wrote {plot}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: maps user errors to one line on stderr and exit code 2."""
+    try:
+        code = cli.main(args=argv, prog_name="lrcompress", standalone_mode=False)
+    except click.exceptions.UsageError as e:
+        msg = " ".join(e.format_message().split())
+        click.echo(f"lrcompress: error: {msg} (see lrcompress --help)", err=True)
+        sys.exit(2)
+    except LrcompressError as e:
+        click.echo(f"lrcompress: error: {' '.join(str(e).split())}", err=True)
+        sys.exit(2)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        click.echo("lrcompress: interrupted", err=True)
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)

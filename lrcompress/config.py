@@ -1,0 +1,148 @@
+"""Compression configs: frozen dataclasses validated on construction, round-trip via dict/JSON."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from .errors import ConfigError
+
+METHODS = ("svd", "svd-whiten")
+ALLOCATIONS = ("uniform", "global")
+SCOPES = ("targets", "model")
+SOLVERS = ("exact", "randomized")
+
+
+def _check_number(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{name}={value!r} is not a finite number; give e.g. {name}=0.5")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class SVDConfig:
+    """Plain truncated SVD (Eckart-Young optimal in weight space).
+
+    solver: "exact" (full SVD) or "randomized" (subspace iteration, for large matrices).
+    """
+
+    solver: str = "exact"
+    oversample: int = 16
+    power_iters: int = 4
+    name: str = field(default="svd", init=False)
+
+    def __post_init__(self) -> None:
+        if self.solver not in SOLVERS:
+            raise ConfigError(f"solver={self.solver!r} is not one of {SOLVERS}; pick one of them")
+        if not isinstance(self.oversample, int) or self.oversample < 0:
+            raise ConfigError(f"oversample={self.oversample!r} must be an int >= 0; e.g. 16")
+        if not isinstance(self.power_iters, int) or self.power_iters < 0:
+            raise ConfigError(f"power_iters={self.power_iters!r} must be an int >= 0; e.g. 4")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class WhitenedSVDConfig(SVDConfig):
+    """Data-aware SVD: minimises the layer's output error on calibration data.
+
+    embedding_smoothing: share of the token-frequency weight spread uniformly over the
+    vocabulary, so tokens unseen in calibration keep some fidelity (0 = pure frequency).
+    """
+
+    embedding_smoothing: float = 0.1
+    name: str = field(default="svd-whiten", init=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        s = _check_number("embedding_smoothing", self.embedding_smoothing)
+        if not 0.0 <= s <= 1.0:
+            raise ConfigError(f"embedding_smoothing={s} must be in [0, 1]; e.g. 0.1")
+
+
+MethodConfig = SVDConfig
+
+
+def method_config(name: str, **kwargs: Any) -> SVDConfig:
+    """Build the method config for a --method name."""
+    if name == "svd":
+        kwargs.pop("embedding_smoothing", None)
+        return SVDConfig(**kwargs)
+    if name == "svd-whiten":
+        return WhitenedSVDConfig(**kwargs)
+    raise ConfigError(f"method {name!r} is not one of {METHODS}; pick one of them")
+
+
+@dataclass(frozen=True)
+class CompressConfig:
+    """What to compress and how much.
+
+    Exactly one budget: ``rank`` (int, every target), ``ratio`` (fraction of parameters to
+    keep, of the targeted layers or of the whole model per ``scope``) or ``energy``
+    (fraction of the (whitened) spectral energy to keep per layer).
+    """
+
+    method: SVDConfig = field(default_factory=WhitenedSVDConfig)
+    rank: int | None = None
+    ratio: float | None = None
+    energy: float | None = None
+    allocate: str = "global"
+    scope: str = "targets"
+    targets: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        given = [k for k in ("rank", "ratio", "energy") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ConfigError(
+                f"budget options given: {given or 'none'}; exactly one of --rank, --ratio or "
+                "--energy is needed, e.g. --ratio 0.5"
+            )
+        if self.rank is not None:
+            if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+                raise ConfigError(f"--rank {self.rank!r} must be an integer >= 1; e.g. --rank 64")
+        if self.ratio is not None:
+            r = _check_number("--ratio", self.ratio)
+            if not 0.0 < r <= 1.0:
+                raise ConfigError(
+                    f"--ratio {self.ratio!r} is outside (0, 1]; it is the fraction of parameters "
+                    "to keep, e.g. --ratio 0.5"
+                )
+        if self.energy is not None:
+            e = _check_number("--energy", self.energy)
+            if not 0.0 < e <= 1.0:
+                raise ConfigError(
+                    f"--energy {self.energy!r} is outside (0, 1]; it is the fraction of spectral "
+                    "energy to keep, e.g. --energy 0.95"
+                )
+        if self.allocate not in ALLOCATIONS:
+            raise ConfigError(f"--allocate {self.allocate!r} is not one of {ALLOCATIONS}")
+        if self.scope not in SCOPES:
+            raise ConfigError(f"--scope {self.scope!r} is not one of {SCOPES}")
+        if not isinstance(self.method, SVDConfig):
+            raise ConfigError(f"method={self.method!r} is not a method config; use method_config()")
+        object.__setattr__(self, "targets", tuple(self.targets))
+        object.__setattr__(self, "exclude", tuple(self.exclude))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["method"] = self.method.to_dict()
+        d["targets"] = list(self.targets)
+        d["exclude"] = list(self.exclude)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "CompressConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown config keys {unknown}; allowed: {sorted(known)}")
+        d = dict(d)
+        m = dict(d.pop("method", {"name": "svd-whiten"}))
+        name = m.pop("name", "svd-whiten")
+        d["targets"] = tuple(d.get("targets", ()))
+        d["exclude"] = tuple(d.get("exclude", ()))
+        return cls(method=method_config(name, **m), **d)

@@ -1,0 +1,81 @@
+"""The compress pipeline as plain functions: calibrate -> plan -> factorize -> report."""
+
+from __future__ import annotations
+
+import copy
+import time
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+
+from .apply import apply_plan
+from .calibrate import Calibration, calibrate
+from .config import CompressConfig, WhitenedSVDConfig
+from .data import Batch, TensorData, TextData
+from .errors import ConfigError
+from .plan import Plan, make_plan, select_targets
+from .report import CompressionReport
+
+CalibrationLike = Calibration | TextData | TensorData | Iterable[Batch] | None
+
+
+def param_bytes(model: nn.Module) -> int:
+    """Bytes of the model's (unique) parameters."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def gather(model: nn.Module, config: CompressConfig, data: CalibrationLike, *, batch_size: int = 32,
+           device: str | torch.device = "cpu", progress: Callable[[int], None] | None = None) -> Calibration | None:
+    """Turn data into per-layer statistics for the config's targets (pass-through if already done)."""
+    if data is None or isinstance(data, Calibration):
+        return data
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size {batch_size} must be >= 1; e.g. --batch-size 32")
+    names = select_targets(model, config.targets, config.exclude)
+    batches = data.batches(batch_size) if isinstance(data, (TextData, TensorData)) else data
+    return calibrate(model, batches, names, device=device, progress=progress)
+
+
+def plan(model: nn.Module, config: CompressConfig, calibration: CalibrationLike = None, *,
+         batch_size: int = 32) -> Plan:
+    """The plan (ranks, predicted errors) without touching any weight."""
+    if isinstance(config.method, WhitenedSVDConfig) and calibration is None:
+        raise ConfigError("method svd-whiten needs calibration data; pass --calib FILE or use --method svd")
+    return make_plan(model, config, gather(model, config, calibration, batch_size=batch_size))
+
+
+def compress_(model: nn.Module, config: CompressConfig, calibration: CalibrationLike = None, *,
+              batch_size: int = 32, device: str | torch.device = "cpu",
+              progress: Callable[[str, Any], None] | None = None) -> CompressionReport:
+    """Compress ``model`` in place; returns the report."""
+    if isinstance(config.method, WhitenedSVDConfig) and calibration is None:
+        raise ConfigError("method svd-whiten needs calibration data; pass --calib FILE or use --method svd")
+    tick = lambda stage: (lambda x: progress(stage, x)) if progress else None  # noqa: E731
+    params_before, bytes_before = sum(p.numel() for p in model.parameters()), param_bytes(model)
+    t0 = time.perf_counter()
+    calib = gather(model, config, calibration, batch_size=batch_size, device=device, progress=tick("calibrate"))
+    t1 = time.perf_counter()
+    p = make_plan(model, config, calib, progress=tick("plan"))
+    t2 = time.perf_counter()
+    results = apply_plan(model, p, progress=tick("factorize"))
+    t3 = time.perf_counter()
+    return CompressionReport(
+        layers=results,
+        params_before=params_before,
+        params_after=sum(q.numel() for q in model.parameters()),
+        bytes_before=bytes_before,
+        bytes_after=param_bytes(model),
+        seconds={"calibrate": t1 - t0, "plan": t2 - t1, "factorize": t3 - t2, "total": t3 - t0},
+        calibration={"examples": calib.examples, "tokens": calib.tokens} if calib else {},
+        config=config.to_dict(),
+        plan=p.to_dict(),
+    )
+
+
+def compress(model: nn.Module, config: CompressConfig, calibration: CalibrationLike = None,
+             **kwargs: Any) -> tuple[nn.Module, CompressionReport]:
+    """Compress a copy of ``model``; the original is untouched."""
+    student = copy.deepcopy(model)
+    report = compress_(student, config, calibration, **kwargs)
+    return student, report

@@ -1,0 +1,324 @@
+"""Rank allocation: which layers to factorize, at which rank, before any weight changes."""
+
+from __future__ import annotations
+
+import fnmatch
+import heapq
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .calibrate import Calibration
+from .config import CompressConfig, WhitenedSVDConfig
+from .errors import ConfigError, WeightError
+from .layers import LowRankEmbedding, LowRankLinear
+from .methods import Metric, Spectrum, svd_spectrum, whitened_spectrum
+from .methods.whiten import metric_from_stats
+
+
+@dataclass
+class LayerPlan:
+    """One layer's decision. ``shape`` is the stored weight shape ((out, in) for Linear,
+    (V, d) for Embedding); ``rank`` is None when the layer stays dense (``reason`` says why)."""
+
+    name: str
+    kind: str
+    shape: tuple[int, int]
+    method: str
+    rank: int | None
+    params_before: int
+    params_after: int
+    predicted_error: float
+    break_even: int
+    reason: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["shape"] = list(self.shape)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "LayerPlan":
+        d = dict(d)
+        d["shape"] = tuple(d["shape"])
+        return cls(**d)
+
+
+@dataclass
+class Plan:
+    """Per-layer plan plus totals. ``spectra``/``metrics`` are cached for factorization."""
+
+    layers: list[LayerPlan]
+    params_model: int
+    config: CompressConfig
+    spectra: dict[str, Spectrum] = field(default_factory=dict, repr=False)
+    metrics: dict[str, Metric] = field(default_factory=dict, repr=False)
+    eval_spectra: dict[str, Spectrum] = field(default_factory=dict, repr=False)
+    eval_metrics: dict[str, Metric] = field(default_factory=dict, repr=False)
+
+    @property
+    def params_after(self) -> int:
+        return self.params_model - sum(l.params_before - l.params_after for l in self.layers)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"config": self.config.to_dict(), "params_model": self.params_model,
+                "params_after": self.params_after, "layers": [l.to_dict() for l in self.layers]}
+
+
+def break_even_rank(m: int, n: int) -> int:
+    """Smallest rank r with r (m + n) >= m n: factorizing at or above it saves nothing."""
+    return math.ceil(m * n / (m + n))
+
+
+def _matches(pattern: str, name: str) -> bool:
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], name) is not None
+    if any(c in pattern for c in "*?["):
+        return fnmatch.fnmatchcase(name, pattern)
+    return pattern == name
+
+
+def _selected(pattern: str, name: str) -> bool:
+    """A pattern selects a layer when it matches the layer or one of its parent modules."""
+    parts = name.split(".")
+    return any(_matches(pattern, ".".join(parts[:i])) for i in range(1, len(parts) + 1))
+
+
+def factorizable(model: nn.Module) -> dict[str, nn.Module]:
+    """Linear and Embedding modules not already inside a factorized module."""
+    found: dict[str, nn.Module] = {}
+    skip: list[str] = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, (LowRankLinear, LowRankEmbedding)):
+            skip.append(name + ".")
+            continue
+        if any(name.startswith(s) for s in skip):
+            continue
+        if isinstance(mod, (nn.Linear, nn.Embedding)) and mod.weight.dim() == 2:
+            found[name] = mod
+    return found
+
+
+def select_targets(model: nn.Module, targets: tuple[str, ...], exclude: tuple[str, ...]) -> list[str]:
+    """Names of the layers to consider; every pattern must match something."""
+    candidates = factorizable(model)
+    all_names = [n for n, _ in model.named_modules() if n]
+    for flag, pats in (("--targets", targets), ("--exclude", exclude)):
+        for p in pats:
+            if p.startswith("re:"):
+                try:
+                    re.compile(p[3:])
+                except re.error as e:
+                    raise ConfigError(f"{flag} {p!r} is not a valid regular expression ({e}); fix the pattern")
+            if not any(_matches(p, n) for n in all_names):
+                hint = ", ".join(list(candidates)[:3])
+                raise ConfigError(f"{flag} {p!r} matches no module of the model; use an exact name, a glob "
+                                  f"or re:REGEX, e.g. {hint}")
+    names = list(candidates)
+    if targets:
+        names = [n for n in names if any(_selected(p, n) for p in targets)]
+        if not names:
+            raise ConfigError(f"--targets {list(targets)} match modules but no Linear/Embedding layer; "
+                              "point them at Linear or Embedding layers")
+    names = [n for n in names if not any(_selected(p, n) for p in exclude)]
+    if not names:
+        raise ConfigError("no layer is left to compress after --targets/--exclude; widen --targets")
+    return names
+
+
+def check_finite(model: nn.Module) -> None:
+    """Refuse NaN/Inf weights up front (they would poison every statistic)."""
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and not bool(torch.isfinite(p).all()):
+            raise WeightError(f"parameter {name!r} contains NaN or Inf; fix or re-export the checkpoint "
+                              "before compressing")
+
+
+def _tied(model: nn.Module, names: list[str]) -> dict[str, str]:
+    owners: dict[int, list[str]] = {}
+    for mname, mod in model.named_modules(remove_duplicate=False):
+        for pname, p in mod.named_parameters(recurse=False, remove_duplicate=False):
+            owners.setdefault(id(p), []).append(mname)
+    out = {}
+    modules = dict(model.named_modules())
+    for n in names:
+        others = sorted(set(owners.get(id(modules[n].weight), [])) - {n})
+        if others:
+            out[n] = others[0]
+    return out
+
+
+def layer_matrix(mod: nn.Module) -> torch.Tensor:
+    """The linear map as (out x in): Linear weight, or the transposed embedding table."""
+    return mod.weight if isinstance(mod, nn.Linear) else mod.weight.T
+
+
+def _metric(mod: nn.Module, name: str, calib: Calibration | None, smoothing: float) -> Metric | None:
+    if calib is None or name not in calib:
+        return None
+    st = calib.layers[name]
+    if isinstance(mod, nn.Embedding):
+        counts = st.counts
+        w = (1.0 - smoothing) * counts / counts.sum() + smoothing / counts.numel()
+        return metric_from_stats(diag=w)
+    return metric_from_stats(gram=st.gram)
+
+
+def make_plan(model: nn.Module, config: CompressConfig, calib: Calibration | None = None,
+              progress: Callable[[str], None] | None = None) -> Plan:
+    """Decide ranks for every target layer. Touches no weight."""
+    check_finite(model)
+    names = select_targets(model, config.targets, config.exclude)
+    modules = dict(model.named_modules())
+    tied = _tied(model, names)
+    params_model = sum(p.numel() for p in model.parameters())
+    whiten = isinstance(config.method, WhitenedSVDConfig)
+    smoothing = config.method.embedding_smoothing if whiten else 0.0
+    layers: dict[str, LayerPlan] = {}
+    plan = Plan([], params_model, config)
+    for name in names:
+        mod = modules[name]
+        w = layer_matrix(mod)
+        m, n = w.shape
+        kind = "embedding" if isinstance(mod, nn.Embedding) else "linear"
+        shape = tuple(mod.weight.shape)
+        be = break_even_rank(m, n)
+        if config.rank is not None and config.rank > min(m, n):
+            raise ConfigError(f"--rank {config.rank} exceeds min(m, n) = {min(m, n)} of layer {name!r} "
+                              f"{shape}; use --rank <= {min(m, n)} or --exclude {name}")
+        lp = LayerPlan(name, kind, shape, config.method.name, None, m * n, m * n, 0.0, be)
+        layers[name] = lp
+        if name in tied:
+            lp.reason = f"weight tied with {tied[name]}: kept dense"
+            continue
+        if be <= 1:
+            lp.reason = "too small: no rank saves parameters (break-even 1): kept dense"
+            continue
+        metric = _metric(mod, name, calib, smoothing)
+        method = config.method
+        if whiten and metric is None:
+            lp.reason = "no calibration input reached this layer: plain SVD"
+            lp.method = "svd"
+        max_rank = config.rank if config.rank is not None else be
+        if whiten and metric is not None:
+            plan.metrics[name] = metric
+            plan.spectra[name] = whitened_spectrum(w, metric, method, max_rank, config.seed)
+        else:
+            plan.metrics[name] = Metric()
+            plan.spectra[name] = svd_spectrum(w, method, max_rank, config.seed)
+            if metric is not None:  # judge plain SVD on the calibration outputs too
+                plan.eval_metrics[name] = metric
+                plan.eval_spectra[name] = whitened_spectrum(w, metric, WhitenedSVDConfig(), None)
+        if progress is not None:
+            progress(name)
+    active = [l for l in layers.values() if l.name in plan.spectra]
+    ranks = _allocate(active, plan.spectra, config, params_model)
+    for lp in active:
+        r = ranks[lp.name]
+        m, n = layer_matrix(modules[lp.name]).shape
+        if r is None or r >= lp.break_even:
+            lp.rank = None
+            lp.reason = lp.reason or (f"rank {r} >= break-even {lp.break_even}: kept dense"
+                                      if r is not None else "denser than break-even: kept dense")
+            continue
+        lp.rank = r
+        lp.params_after = r * (m + n)
+        lp.predicted_error = plan.spectra[lp.name].relative_error(r)
+    plan.layers = list(layers.values())
+    return plan
+
+
+def _allocate(layers: list[LayerPlan], spectra: dict[str, Spectrum], config: CompressConfig,
+              params_model: int) -> dict[str, int | None]:
+    if config.rank is not None:
+        return {l.name: config.rank for l in layers}
+    if config.energy is not None:
+        return {l.name: spectra[l.name].rank_for_energy(config.energy) for l in layers}
+    total = sum(l.params_before for l in layers)
+    budget = config.ratio * total
+    if config.scope == "model":
+        budget = config.ratio * params_model - (params_model - total)
+        if budget <= 0:
+            raise ConfigError(f"--ratio {config.ratio} of the whole model ({params_model} params) is below "
+                              f"the {params_model - total} params outside the targets; raise --ratio or "
+                              "widen --targets")
+    frac = budget / total if total else 1.0
+    if frac >= 1.0:
+        return {l.name: None for l in layers}
+    if config.allocate == "uniform":
+        return {l.name: max(1, math.floor(frac * l.params_before / sum(_mn(l)))) for l in layers}
+    return _global(layers, spectra, budget)
+
+
+def _mn(l: LayerPlan) -> tuple[int, int]:
+    return l.shape if l.kind == "linear" else (l.shape[1], l.shape[0])
+
+
+def _global(layers: list[LayerPlan], spectra: dict[str, Spectrum], budget: float) -> dict[str, int | None]:
+    """Greedy: spend parameters where the normalized truncation loss per parameter is highest.
+
+    Each rank step of a layer costs (m + n) params and removes s2[r] / total of its relative
+    squared output error; going dense from the break-even rank removes the rest. Spectra are
+    sorted, so step gains fall and the greedy order is optimal for this separable objective.
+    """
+    rank = {l.name: 1 for l in layers}
+    spent = sum(sum(_mn(l)) for l in layers)
+    if spent > budget:
+        raise ConfigError(f"the budget ({int(budget)} params) cannot hold even rank 1 for every target "
+                          f"({spent} params); raise --ratio or narrow --targets")
+    heap: list[tuple[float, str, int, bool]] = []
+    by_name = {l.name: l for l in layers}
+
+    def push(l: LayerPlan) -> None:
+        s = spectra[l.name]
+        r = rank[l.name]
+        cost = sum(_mn(l))
+        if s.total <= 0:
+            return
+        if r < l.break_even - 1:
+            if r < len(s.s2):
+                gain = float(s.s2[r]) / s.total
+            else:  # randomized spectrum: spread the unseen tail evenly
+                k = min(_mn(l)) - len(s.s2)
+                gain = s.tail(len(s.s2)) / s.total / max(k, 1)
+            heapq.heappush(heap, (-gain / cost, l.name, cost, False))
+        elif r == l.break_even - 1:
+            cost = l.params_before - r * cost
+            heapq.heappush(heap, (-(s.tail(r) / s.total) / max(cost, 1), l.name, cost, True))
+
+    for l in layers:
+        push(l)
+    while heap:
+        _, name, cost, dense = heapq.heappop(heap)
+        if spent + cost > budget:
+            continue
+        spent += cost
+        l = by_name[name]
+        if dense:
+            rank[name] = None
+            continue
+        rank[name] += 1
+        push(l)
+    return rank
+
+
+def plan_table(plan: Plan) -> str:
+    """The dry-run table: layer, shape, method, rank, params before/after, predicted error."""
+    head = f"{'layer':44} {'shape':>12} {'method':>10} {'rank':>5} {'b-even':>6} {'params':>17} {'pred.err':>8}"
+    lines = [head, "-" * len(head)]
+    for l in plan.layers:
+        shape = "x".join(map(str, l.shape))
+        params = f"{l.params_before}->{l.params_after}"
+        if l.rank is None:
+            lines.append(f"{l.name[-44:]:44} {shape:>12} {'dense':>10} {'-':>5} {l.break_even:>6} {params:>17}  {l.reason}")
+        else:
+            lines.append(f"{l.name[-44:]:44} {shape:>12} {l.method:>10} {l.rank:>5} {l.break_even:>6} {params:>17} "
+                         f"{l.predicted_error:8.4f}" + (f"  {l.reason}" if l.reason else ""))
+    lines.append("-" * len(head))
+    after = plan.params_after
+    lines.append(f"model params {plan.params_model:,} -> {after:,} ({after / plan.params_model:.1%})")
+    return "\n".join(lines)

@@ -1,0 +1,81 @@
+"""CompressionReport: per-layer results and totals, as JSON or a terminal table."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from .apply import LayerResult
+
+
+@dataclass
+class CompressionReport:
+    """Everything a compress run did; the CLI only renders it."""
+
+    layers: list[LayerResult]
+    params_before: int
+    params_after: int
+    bytes_before: int
+    bytes_after: int
+    seconds: dict[str, float] = field(default_factory=dict)
+    calibration: dict[str, int] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+    source: str = ""
+    output: str = ""
+    plan: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def ratio(self) -> float:
+        return self.params_after / self.params_before if self.params_before else 1.0
+
+    @property
+    def worst_error_ratio(self) -> float:
+        vals = [l.error_ratio for l in self.layers if l.rank is not None and l.error_metric == "output"
+                and l.method == "svd-whiten"]
+        return max(vals) if vals else 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "output": self.output,
+            "config": self.config,
+            "calibration": self.calibration,
+            "totals": {"params_before": self.params_before, "params_after": self.params_after,
+                       "ratio": self.ratio, "bytes_before": self.bytes_before, "bytes_after": self.bytes_after,
+                       "factorized_layers": sum(1 for l in self.layers if l.rank is not None),
+                       "dense_layers": sum(1 for l in self.layers if l.rank is None),
+                       "worst_error_ratio": self.worst_error_ratio},
+            "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
+            "layers": [l.to_dict() for l in self.layers],
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, default=_finite)
+
+    def table(self) -> str:
+        head = f"{'layer':44} {'shape':>12} {'method':>10} {'rank':>5} {'params':>17} {'rel.err':>8} {'optimal':>8} {'ratio':>6}"
+        lines = [head, "-" * len(head)]
+        for l in self.layers:
+            shape = "x".join(map(str, l.shape))
+            params = f"{l.params_before}->{l.params_after}"
+            if l.rank is None:
+                lines.append(f"{l.name[-44:]:44} {shape:>12} {'dense':>10} {'-':>5} {params:>17}  {l.reason}")
+            else:
+                lines.append(f"{l.name[-44:]:44} {shape:>12} {l.method:>10} {l.rank:>5} {params:>17} "
+                             f"{l.relative_error:8.4f} {l.optimal_error:8.4f} {l.error_ratio:6.3f}"
+                             + ("" if l.error_metric == "output" else " (weight)"))
+        lines.append("-" * len(head))
+        lines.append(f"params {self.params_before:,} -> {self.params_after:,} ({self.ratio:.1%}); "
+                     f"bytes {self.bytes_before:,} -> {self.bytes_after:,}; worst achieved/optimal "
+                     f"{self.worst_error_ratio:.4f}")
+        if self.seconds:
+            lines.append("time " + ", ".join(f"{k} {v:.2f}s" for k, v in self.seconds.items()))
+        return "\n".join(lines)
+
+
+def _finite(o: Any) -> Any:
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    return str(o)
