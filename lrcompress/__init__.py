@@ -5,7 +5,7 @@ from .checkpoint import load, save
 from .config import CompressConfig, SVDConfig, WhitenedSVDConfig, method_config
 from .data import TensorData, TextData, open_data
 from .errors import LrcompressError
-from .inspect import inspect
+from .inspection import inspect
 from .pipeline import compress, compress_, plan
 from .report import CompressionReport
 from .sources import resolve

@@ -9,7 +9,7 @@ from torch import nn
 
 from .layers import LowRankEmbedding, LowRankLinear
 from .methods import factorize
-from .plan import Plan, layer_matrix
+from .planning import Plan, layer_matrix
 
 
 @dataclass

@@ -6,6 +6,7 @@ embeddings get token counts. Activations are never stored.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
@@ -71,15 +72,18 @@ def calibrate(
     def linear_hook(name: str) -> Callable:
         def hook(mod: nn.Module, args: tuple) -> None:
             x = args[0]
-            key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()))
+            # layers fed the same tensor (q, k, v) share one Gram; a weak reference tells a live
+            # tensor from a new one that reuses freed memory at the same address
             cache = state["cache"]
-            if key not in cache:
+            hit = cache.get(id(x))
+            if hit is None or hit[0]() is not x:
                 rows = _select(x.detach(), state["mask"], True).to(torch.float64)
                 if not torch.isfinite(rows).all():
                     raise DataError(f"layer {name!r} received NaN/Inf activations; check the weights "
                                     "and the calibration inputs")
-                cache[key] = (rows.T @ rows, rows.shape[0])
-            g, n = cache[key]
+                hit = (weakref.ref(x), rows.T @ rows, rows.shape[0])
+                cache[id(x)] = hit
+            _, g, n = hit
             st = calib.layers[name]
             st.gram = g.clone() if st.gram is None else st.gram.add_(g)
             st.rows += n

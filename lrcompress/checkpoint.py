@@ -29,13 +29,26 @@ def check_output(out: str | Path, overwrite: bool = False) -> Path:
         raise OutputError(f"output {str(p)!r} is an existing file; choose a folder path with -o")
     if p.is_dir() and any(p.iterdir()) and not overwrite:
         raise OutputError(f"output folder {str(p)!r} is not empty; pass --overwrite or choose another -o")
-    parent = p.resolve().parent
-    probe = parent
+    probe = p.resolve().parent
     while not probe.exists():
         probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        raise OutputError(f"cannot write under {str(probe)!r} (permission denied); choose a writable -o")
+    if not probe.is_dir():
+        raise OutputError(f"cannot create {str(p)!r}: {str(probe)!r} is a file, not a folder; choose another -o")
+    try:
+        tempfile.TemporaryDirectory(prefix=".lrcompress-probe-", dir=probe).cleanup()
+    except OSError as e:
+        raise OutputError(f"cannot write under {str(probe)!r} ({e.strerror or e}); choose a writable -o") from None
     return p
+
+
+def _missing_parents(p: Path) -> list[Path]:
+    """Ancestors of ``p`` that do not exist yet, deepest first."""
+    out = []
+    q = p.resolve().parent
+    while not q.exists():
+        out.append(q)
+        q = q.parent
+    return out
 
 
 def factorized_layers(model: nn.Module) -> dict[str, dict[str, Any]]:
@@ -72,9 +85,11 @@ def save(model: nn.Module, out: str | Path, source: dict[str, Any], *, plan: dic
     from safetensors.torch import save_model
 
     out = check_output(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    created = _missing_parents(out)
+    tmp: Path | None = None
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
         kind = source.get("arch", source).get("kind")
         if kind == "pickle":
             torch.save(model, tmp / PICKLED)
@@ -96,11 +111,17 @@ def save(model: nn.Module, out: str | Path, source: dict[str, Any], *, plan: dic
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise OutputError(f"writing {str(out)!r} failed ({e.strerror or e}); check free space and permissions") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException as e:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        for d in created:  # deepest first; only folders this call made, and only if empty
+            try:
+                d.rmdir()
+            except OSError:
+                break
+        if isinstance(e, OSError):
+            raise OutputError(f"writing {str(out)!r} failed ({e.strerror or e}); check free space and "
+                              "permissions") from None
         raise
     return out
 
@@ -117,6 +138,10 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise CheckpointError(f"{str(p / MANIFEST)!r} has format {manifest.get('format') if isinstance(manifest, dict) else None!r}, "
                               f"expected {FORMAT!r}; re-run lrcompress compress with this version")
+    src, layers = manifest.get("source"), manifest.get("layers", {})
+    if not isinstance(src, dict) or "kind" not in src or not isinstance(layers, dict):
+        raise CheckpointError(f"{str(p / MANIFEST)!r} lacks a valid 'source' or 'layers' entry; the manifest is "
+                              "damaged: re-run lrcompress compress")
     return manifest
 
 
@@ -162,5 +187,8 @@ def load(folder: str | Path, *, trust_pickle: bool = False, with_manifest: bool 
     tokenizer = None
     if spec.get("kind") == "hf" and (p / "tokenizer_config.json").is_file():
         from transformers import AutoTokenizer
-        tokenizer = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+
+        from .sources import quiet_hf
+        with quiet_hf():
+            tokenizer = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
     return (model, tokenizer, manifest) if with_manifest else (model, tokenizer)

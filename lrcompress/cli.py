@@ -99,7 +99,7 @@ def compress(source: str, output: str | None, weights: str | None, trust_pickle:
     from .config import CompressConfig, method_config
     from .data import open_data
     from .pipeline import compress_, plan
-    from .plan import plan_table
+    from .planning import plan_table
     from .sources import resolve
 
     method = method or ("svd-whiten" if calib else "svd")
@@ -164,8 +164,8 @@ def inspect(source: str, weights: str | None, trust_pickle: bool, calib: str | N
     from .calibrate import calibrate
     from .config import CompressConfig
     from .data import open_data
-    from .inspect import inspect as run_inspect
-    from .plan import select_targets
+    from .inspection import inspect as run_inspect
+    from .planning import select_targets
     from .sources import resolve
 
     r = _parse_number("--ratio", ratio, float)

@@ -14,7 +14,7 @@ from .calibrate import Calibration, calibrate
 from .config import CompressConfig, WhitenedSVDConfig
 from .data import Batch, TensorData, TextData
 from .errors import ConfigError
-from .plan import Plan, make_plan, select_targets
+from .planning import Plan, make_plan, select_targets
 from .report import CompressionReport
 
 CalibrationLike = Calibration | TextData | TensorData | Iterable[Batch] | None

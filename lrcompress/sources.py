@@ -8,13 +8,14 @@ architecture specs takes ``weights=FILE`` (safetensors or a ``weights_only`` sta
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -41,6 +42,22 @@ class Loaded:
     tokenizer: Any = None
     spec: dict[str, Any] = field(default_factory=dict)
     side_files: dict[str, Path] = field(default_factory=dict)
+
+
+@contextlib.contextmanager
+def quiet_hf() -> Iterator[None]:
+    """Silence transformers' progress bars and warnings while loading; restore them after."""
+    from transformers.utils import logging as hf_logging
+    bars = hf_logging.is_progress_bar_enabled()
+    level = hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def minilm_path() -> Path:
@@ -196,8 +213,10 @@ def _hf_from_config(folder: Path, class_name: str | None) -> nn.Module:
         from transformers import AutoConfig
     except ImportError:
         raise SourceError("Hugging Face folders need transformers; pip install 'lrcompress[hf]'") from None
-    config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
-    return _hf_class(config, class_name).from_config(config)
+    with quiet_hf():
+        config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
+        cls = _hf_class(config, class_name)
+        return cls.from_config(config) if hasattr(cls, "from_config") else cls(config)
 
 
 def _hf_folder(folder: Path) -> Loaded:
@@ -212,16 +231,18 @@ def _hf_folder(folder: Path) -> Loaded:
     for w in folder.glob("*.safetensors"):
         check_safetensors(w)
     try:
-        config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
-        cls = _hf_class(config, None)
-        model = cls.from_pretrained(str(folder), local_files_only=True)
+        with quiet_hf():
+            config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
+            cls = _hf_class(config, None)
+            model = cls.from_pretrained(str(folder), local_files_only=True)
     except Exception as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise SourceError(f"cannot load the Hugging Face folder {str(folder)!r} ({msg[:200]}); check that "
                           "config.json and the weights belong together") from None
     tokenizer = None
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        with quiet_hf():
+            tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     except Exception:
         tokenizer = None
     side = {f: folder / f for f in HF_SIDE_FILES if (folder / f).is_file()}

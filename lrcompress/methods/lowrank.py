@@ -14,26 +14,52 @@ from dataclasses import dataclass
 
 import torch
 
+ROUNDING_FLOOR = 1e-6
 
-@dataclass(frozen=True)
+
 class Metric:
-    """Input metric of a layer: ``root`` is L (n x k) with G = L L^T, or ``diag`` holds G's
-    diagonal (n,), or both None for the identity (plain weight-space error)."""
+    """Input metric of a layer: a full Gram G (n x n), its diagonal (n,) for one-hot inputs
+    such as token ids, or neither for the identity (plain weight-space error)."""
 
-    root: torch.Tensor | None = None
-    diag: torch.Tensor | None = None
-
-    def apply(self, w: torch.Tensor) -> torch.Tensor:
-        """Return W L."""
-        if self.root is not None:
-            return w @ self.root
-        if self.diag is not None:
-            return w * self.diag.clamp_min(0).sqrt()[None, :]
-        return w
+    def __init__(self, gram: torch.Tensor | None = None, diag: torch.Tensor | None = None) -> None:
+        self.gram = None if gram is None else 0.5 * (gram + gram.T).to(torch.float64)
+        self.diag = None if diag is None else diag.to(torch.float64).clamp_min(0)
+        self._root: torch.Tensor | None = None
 
     @property
     def is_identity(self) -> bool:
-        return self.root is None and self.diag is None
+        return self.gram is None and self.diag is None
+
+    def root(self) -> torch.Tensor:
+        """A square root L with L L^T = G (Cholesky; eigh fallback for singular G), cached."""
+        if self._root is None:
+            from .whiten import gram_root
+            self._root = gram_root(self.gram)
+        return self._root
+
+    def apply(self, w: torch.Tensor) -> torch.Tensor:
+        """Return W L."""
+        if self.gram is not None:
+            return w @ self.root()
+        if self.diag is not None:
+            return w * self.diag.sqrt()[None, :]
+        return w
+
+    def cov(self, w: torch.Tensor) -> torch.Tensor:
+        """Return C = W G W^T (m x m)."""
+        if self.gram is not None:
+            return w @ self.gram @ w.T
+        if self.diag is not None:
+            return (w * self.diag[None, :]) @ w.T
+        return w @ w.T
+
+    def sqnorm(self, d: torch.Tensor) -> float:
+        """||D L||_F^2 = trace(D G D^T), without forming L."""
+        if self.gram is not None:
+            return float(((d @ self.gram) * d).sum())
+        if self.diag is not None:
+            return float(((d * d) * self.diag[None, :]).sum())
+        return float((d * d).sum())
 
 
 @dataclass(frozen=True)
@@ -85,10 +111,9 @@ class Factorization:
 
     @property
     def error_ratio(self) -> float:
-        """Achieved / optimal relative error (1.0 when both are ~0)."""
-        if self.optimal_error <= 1e-12:
-            return 1.0 if self.relative_error <= 1e-9 else math.inf
-        return self.relative_error / self.optimal_error
+        """Achieved / optimal relative error. Both are floored at 1e-6, the level of float32
+        rounding of the factors, so a rank that captures everything reads 1.0, not 0/0."""
+        return max(self.relative_error, ROUNDING_FLOOR) / max(self.optimal_error, ROUNDING_FLOOR)
 
 
 def spectrum(
@@ -103,17 +128,44 @@ def spectrum(
 ) -> Spectrum:
     """Spectrum of W L in float64. ``max_rank`` bounds what the randomized solver computes."""
     w = weight.detach().to(torch.float64)
-    wl = metric.apply(w)
-    total = float((wl * wl).sum())
-    k = min(wl.shape)
-    if solver == "randomized" and max_rank is not None and max_rank + oversample < k:
+    m, n = w.shape
+    full = min(m, n)
+    if solver == "randomized" and max_rank is not None and max_rank + oversample < full:
+        wl = metric.apply(w)
         q = max_rank + oversample
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             u, s, _ = torch.svd_lowrank(wl, q=q, niter=power_iters)
-        return Spectrum(u=u[:, :q].contiguous(), s2=(s * s)[:q], total=total, exact=False)
+        return Spectrum(u=u[:, :q].contiguous(), s2=(s * s)[:q], total=float((wl * wl).sum()), exact=False)
+    if m <= n:
+        # C = W G W^T is m x m: its eigenvectors are the output directions, its eigenvalues
+        # the energies. No square root of G is needed (form 2 of the design notes).
+        c = metric.cov(w)
+        evals, evecs = torch.linalg.eigh(0.5 * (c + c.T))
+        order = torch.argsort(evals, descending=True, stable=True)
+        s2 = evals[order].clamp_min(0)
+        u = evecs[:, order]
+        total = float(torch.diagonal(c).sum())
+        return Spectrum(u=u, s2=s2, total=total, exact=True)
+    wl = metric.apply(w)
     u, s, _ = torch.linalg.svd(wl, full_matrices=False)
-    return Spectrum(u=u, s2=s * s, total=total, exact=True)
+    if u.shape[1] < full:  # metric of low rank (few tokens, dead channels): complete the basis
+        u, s = _complete(w, u, s, full)
+    return Spectrum(u=u, s2=s * s, total=float((wl * wl).sum()), exact=True)
+
+
+def _complete(w: torch.Tensor, u: torch.Tensor, s: torch.Tensor, full: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Extend u with output directions of W outside its span, at zero calibration energy.
+
+    The data cannot tell these directions apart, so any rank up to min(m, n) stays optimal;
+    taking them from the residual W - U U^T W keeps as much of the weight as possible.
+    """
+    resid = w - u @ (u.T @ w)
+    ur, sr, _ = torch.linalg.svd(resid, full_matrices=False)
+    extra = ur[:, : full - u.shape[1]]
+    extra = extra - u @ (u.T @ extra)  # re-orthogonalize against rounding
+    extra, _ = torch.linalg.qr(extra)
+    return torch.cat([u, extra], 1), torch.cat([s, torch.zeros(extra.shape[1], dtype=s.dtype, device=s.device)])
 
 
 def _fix_signs(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -148,9 +200,8 @@ def factorize(weight: torch.Tensor, spec: Spectrum, rank: int, metric: Metric,
     dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
     a_s, b_s = a.to(dtype), b.to(dtype)
     diff = w - a_s.to(torch.float64) @ b_s.to(torch.float64)
-    dl = eval_metric.apply(diff)
     total = eval_spec.total
-    achieved = math.sqrt(float((dl * dl).sum()) / total) if total > 0 else 0.0
+    achieved = math.sqrt(max(eval_metric.sqnorm(diff), 0.0) / total) if total > 0 else 0.0
     return Factorization(
         a=a_s,
         b=b_s,

@@ -9,13 +9,18 @@ from .lowrank import Metric, Spectrum, spectrum
 
 
 def gram_root(gram: torch.Tensor, rtol: float = 1e-12) -> torch.Tensor:
-    """A square root L (n x k) with L L^T = G, dropping the null space (k = numerical rank).
+    """A square root L with L L^T = G.
 
-    Uses eigh, so a singular or indefinite-by-rounding Gram is fine: negative and
-    negligible eigenvalues are discarded, nothing is inverted.
+    Cholesky when G is positive definite; otherwise (singular: dead channels, fewer tokens
+    than features) an eigh root that drops the null space (n x k, k = numerical rank).
+    Nothing is ever inverted.
     """
-    g = gram.to(torch.float64)
-    g = 0.5 * (g + g.T)
+    g = 0.5 * (gram + gram.T).to(torch.float64)
+    l, info = torch.linalg.cholesky_ex(g)
+    if int(info) == 0 and bool(torch.isfinite(l).all()):
+        d = torch.diagonal(l)
+        if float(d.min()) > float(d.max()) * 1e-7:  # well enough conditioned to trust
+            return l
     evals, evecs = torch.linalg.eigh(g)
     top = float(evals.max()) if evals.numel() else 0.0
     keep = evals > max(top, 0.0) * rtol
@@ -26,11 +31,7 @@ def gram_root(gram: torch.Tensor, rtol: float = 1e-12) -> torch.Tensor:
 
 def metric_from_stats(gram: torch.Tensor | None = None, diag: torch.Tensor | None = None) -> Metric:
     """Metric for a full Gram matrix or for a diagonal one (token frequencies)."""
-    if gram is not None:
-        return Metric(root=gram_root(gram))
-    if diag is not None:
-        return Metric(diag=diag.to(torch.float64))
-    return Metric()
+    return Metric(gram=gram, diag=diag)
 
 
 def whitened_spectrum(weight: torch.Tensor, metric: Metric, config: SVDConfig,

@@ -12,7 +12,7 @@ from torch import nn
 from .calibrate import Calibration
 from .config import CompressConfig, SVDConfig, WhitenedSVDConfig
 from .errors import ConfigError
-from .plan import make_plan
+from .planning import make_plan
 
 
 @dataclass

@@ -1,0 +1,50 @@
+"""Toy models for tests: importable factories (``tests.models:NAME``)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class TinyMLP(nn.Module):
+    """Linear layers with bias on a (B, 32) input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(32, 64)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(64, 48)
+        self.head = nn.Linear(48, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.act(self.fc2(self.act(self.fc1(x)))))
+
+
+class TinyTokenModel(nn.Module):
+    """Embedding + Linear over token ids, keyword inputs like a Hugging Face model."""
+
+    def __init__(self, vocab: int = 200, dim: int = 24) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim, padding_idx=0)
+        self.proj = nn.Linear(dim, 40)
+        self.out = nn.Linear(40, dim)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.out(torch.relu(self.proj(self.embed(input_ids))))
+        if attention_mask is not None:
+            h = h * attention_mask.unsqueeze(-1)
+        return h
+
+
+def tiny_mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return TinyMLP()
+
+
+def tiny_token_model() -> nn.Module:
+    torch.manual_seed(0)
+    return TinyTokenModel()
+
+
+def not_a_module() -> object:
+    return {"a": 1}
