@@ -34,6 +34,7 @@ class Calibration:
     layers: dict[str, LayerStats] = field(default_factory=dict)
     examples: int = 0
     tokens: int = 0
+    probe: list[Batch] = field(default_factory=list, repr=False)
 
     def __contains__(self, name: str) -> bool:
         return name in self.layers and self.layers[name].rows > 0

@@ -80,6 +80,8 @@ def cli() -> None:
 @click.option("--allocate", type=str, default="global", show_default=True, help="uniform | global (with --ratio).")
 @click.option("--scope", type=str, default="targets", show_default=True,
               help="--ratio counts the targeted layers' params (targets) or the whole model's (model).")
+@click.option("--probe-passes", type=int, default=2, show_default=True,
+              help="Global allocation: rounds of measured layer sensitivity (0 = off).")
 @click.option("--solver", type=str, default="exact", show_default=True, help="exact | randomized SVD.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", type=str, default="cpu", show_default=True, help="cpu | cuda")
@@ -90,7 +92,7 @@ def cli() -> None:
 def compress(source: str, output: str | None, weights: str | None, trust_pickle: bool, calib: str | None,
              max_length: int, calib_samples: int | None, batch_size: int, targets: tuple, exclude: tuple,
              method: str | None, rank: str | None, ratio: str | None, energy: str | None, allocate: str,
-             scope: str, solver: str, seed: int, device: str, dry_run: bool, overwrite: bool,
+             scope: str, probe_passes: int, solver: str, seed: int, device: str, dry_run: bool, overwrite: bool,
              as_json: bool, quiet: bool) -> None:
     """Factorize SOURCE's Linear/Embedding layers and write a compressed checkpoint."""
     import torch
@@ -106,7 +108,8 @@ def compress(source: str, output: str | None, weights: str | None, trust_pickle:
     config = CompressConfig(
         method=method_config(method, solver=solver), rank=_parse_number("--rank", rank, int),
         ratio=_parse_number("--ratio", ratio, float), energy=_parse_number("--energy", energy, float),
-        allocate=allocate, scope=scope, targets=targets, exclude=exclude, seed=seed)
+        allocate=allocate, scope=scope, targets=targets, exclude=exclude, seed=seed,
+        probe_passes=probe_passes)
     if method == "svd-whiten" and not calib:
         raise ConfigError("--method svd-whiten needs calibration data; pass --calib FILE or use --method svd")
     if batch_size < 1:

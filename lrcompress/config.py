@@ -79,6 +79,10 @@ def method_config(name: str, **kwargs: Any) -> SVDConfig:
 class CompressConfig:
     """What to compress and how much.
 
+    ``allocate="global"`` spends a ``ratio`` budget where the truncation loss per parameter is
+    highest, each layer's loss weighted by its measured effect on the model output
+    (``probe_passes`` rounds of probes on a few calibration examples; 0 = unweighted).
+
     Exactly one budget: ``rank`` (int, every target), ``ratio`` (fraction of parameters to
     keep, of the targeted layers or of the whole model per ``scope``) or ``energy``
     (fraction of the (whitened) spectral energy to keep per layer).
@@ -93,6 +97,7 @@ class CompressConfig:
     targets: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     seed: int = 0
+    probe_passes: int = 2
 
     def __post_init__(self) -> None:
         given = [k for k in ("rank", "ratio", "energy") if getattr(self, k) is not None]
@@ -118,6 +123,9 @@ class CompressConfig:
                     f"--energy {self.energy!r} is outside (0, 1]; it is the fraction of spectral "
                     "energy to keep, e.g. --energy 0.95"
                 )
+        if isinstance(self.probe_passes, bool) or not isinstance(self.probe_passes, int) or not 0 <= self.probe_passes <= 5:
+            raise ConfigError(f"--probe-passes {self.probe_passes!r} must be an integer in [0, 5]; 0 turns the "
+                              "measured sensitivities off, 2 is the default")
         if self.allocate not in ALLOCATIONS:
             raise ConfigError(f"--allocate {self.allocate!r} is not one of {ALLOCATIONS}")
         if self.scope not in SCOPES:

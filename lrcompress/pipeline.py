@@ -33,8 +33,23 @@ def gather(model: nn.Module, config: CompressConfig, data: CalibrationLike, *, b
     if batch_size < 1:
         raise ConfigError(f"--batch-size {batch_size} must be >= 1; e.g. --batch-size 32")
     names = select_targets(model, config.targets, config.exclude)
-    batches = data.batches(batch_size) if isinstance(data, (TextData, TensorData)) else data
-    return calibrate(model, batches, names, device=device, progress=progress)
+    if isinstance(data, (TextData, TensorData)):
+        calib = calibrate(model, data.batches(batch_size), names, device=device, progress=progress)
+        calib.probe = [b.to(device) for b in probe_batches(data)]
+        return calib
+    batches = list(data)
+    calib = calibrate(model, batches, names, device=device, progress=progress)
+    calib.probe = [b.to(device) for b in batches[:1]]
+    return calib
+
+
+def probe_batches(data: TextData | TensorData, examples: int = 16) -> list[Batch]:
+    """A few calibration examples for sensitivity probes; text is sorted by length and
+    batched by 8 so that padding costs little."""
+    if isinstance(data, TextData):
+        lines = sorted(data.lines[:examples], key=len)
+        return list(TextData(lines, data.tokenizer, data.max_length).batches(8))
+    return list(data.limit(min(examples, len(data))).batches(examples))
 
 
 def plan(model: nn.Module, config: CompressConfig, calibration: CalibrationLike = None, *,

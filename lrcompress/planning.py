@@ -35,6 +35,7 @@ class LayerPlan:
     predicted_error: float
     break_even: int
     reason: str = ""
+    sensitivity: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -216,7 +217,21 @@ def make_plan(model: nn.Module, config: CompressConfig, calib: Calibration | Non
         if progress is not None:
             progress(name)
     active = [l for l in layers.values() if l.name in plan.spectra]
-    ranks = _allocate(active, plan.spectra, config, params_model)
+    weights = None
+    if (config.allocate == "global" and config.ratio is not None and config.probe_passes > 0
+            and calib is not None and calib.probe):
+        _, frac = _budget(active, config, params_model)
+        probe_ranks = {l.name: max(1, math.floor(min(frac, 1.0) * l.params_before / sum(_mn(l))))
+                       for l in active}
+        weights = {}
+        for i in range(config.probe_passes):
+            if i > 0:  # re-probe at the ranks the previous weights allocate
+                probe_ranks = {k: r for k, r in _allocate(active, plan.spectra, config, params_model,
+                                                          weights).items() if r is not None}
+            weights.update(_sensitivities(model, plan, active, probe_ranks, calib.probe, progress))
+        for lp in active:
+            lp.sensitivity = weights[lp.name]
+    ranks = _allocate(active, plan.spectra, config, params_model, weights)
     for lp in active:
         r = ranks[lp.name]
         m, n = layer_matrix(modules[lp.name]).shape
@@ -232,12 +247,29 @@ def make_plan(model: nn.Module, config: CompressConfig, calib: Calibration | Non
     return plan
 
 
-def _allocate(layers: list[LayerPlan], spectra: dict[str, Spectrum], config: CompressConfig,
-              params_model: int) -> dict[str, int | None]:
-    if config.rank is not None:
-        return {l.name: config.rank for l in layers}
-    if config.energy is not None:
-        return {l.name: spectra[l.name].rank_for_energy(config.energy) for l in layers}
+def _sensitivities(model: nn.Module, plan: Plan, layers: list[LayerPlan], ranks: dict[str, int],
+                   probe: list, progress: Callable[[str], None] | None) -> dict[str, float]:
+    """Measured output sensitivity of each layer in ``ranks``, probed at that rank."""
+    from .methods import factorize
+    from .sensitivity import measure
+
+    probes = {}
+    for l in layers:
+        if l.name not in ranks:
+            continue
+        r = min(ranks[l.name], max(l.break_even - 1, 1))
+        w = layer_matrix(model.get_submodule(l.name))
+        f = factorize(w, plan.spectra[l.name], r, plan.metrics[l.name])
+        approx = f.a @ f.b
+        probes[l.name] = (approx if l.kind == "linear" else approx.T, f.relative_error ** 2)
+    raw = measure(model, probe, probes, progress)
+    positive = sorted(v for v in raw.values() if v > 0)
+    floor = 1e-3 * positive[len(positive) // 2] if positive else 1.0
+    return {k: max(v, floor) for k, v in raw.items()}
+
+
+def _budget(layers: list[LayerPlan], config: CompressConfig, params_model: int) -> tuple[float, float]:
+    """(parameter budget for the targets, that budget as a fraction of their params)."""
     total = sum(l.params_before for l in layers)
     budget = config.ratio * total
     if config.scope == "model":
@@ -246,24 +278,35 @@ def _allocate(layers: list[LayerPlan], spectra: dict[str, Spectrum], config: Com
             raise ConfigError(f"--ratio {config.ratio} of the whole model ({params_model} params) is below "
                               f"the {params_model - total} params outside the targets; raise --ratio or "
                               "widen --targets")
-    frac = budget / total if total else 1.0
+    return budget, (budget / total if total else 1.0)
+
+
+def _allocate(layers: list[LayerPlan], spectra: dict[str, Spectrum], config: CompressConfig,
+              params_model: int, weights: dict[str, float] | None = None) -> dict[str, int | None]:
+    if config.rank is not None:
+        return {l.name: config.rank for l in layers}
+    if config.energy is not None:
+        return {l.name: spectra[l.name].rank_for_energy(config.energy) for l in layers}
+    budget, frac = _budget(layers, config, params_model)
     if frac >= 1.0:
         return {l.name: None for l in layers}
     if config.allocate == "uniform":
         return {l.name: max(1, math.floor(frac * l.params_before / sum(_mn(l)))) for l in layers}
-    return _global(layers, spectra, budget)
+    return _global(layers, spectra, budget, weights)
 
 
 def _mn(l: LayerPlan) -> tuple[int, int]:
     return l.shape if l.kind == "linear" else (l.shape[1], l.shape[0])
 
 
-def _global(layers: list[LayerPlan], spectra: dict[str, Spectrum], budget: float) -> dict[str, int | None]:
+def _global(layers: list[LayerPlan], spectra: dict[str, Spectrum], budget: float,
+            weights: dict[str, float] | None = None) -> dict[str, int | None]:
     """Greedy: spend parameters where the normalized truncation loss per parameter is highest.
 
     Each rank step of a layer costs (m + n) params and removes s2[r] / total of its relative
-    squared output error; going dense from the break-even rank removes the rest. Spectra are
-    sorted, so step gains fall and the greedy order is optimal for this separable objective.
+    squared output error, times the layer's measured sensitivity when ``weights`` are given;
+    going dense from the break-even rank removes the rest. Spectra are sorted, so step gains
+    fall and the greedy order is optimal for this separable objective.
     """
     rank = {l.name: 1 for l in layers}
     spent = sum(sum(_mn(l)) for l in layers)
@@ -279,16 +322,17 @@ def _global(layers: list[LayerPlan], spectra: dict[str, Spectrum], budget: float
         cost = sum(_mn(l))
         if s.total <= 0:
             return
+        scale = (weights or {}).get(l.name, 1.0) / s.total
         if r < l.break_even - 1:
             if r < len(s.s2):
-                gain = float(s.s2[r]) / s.total
+                gain = float(s.s2[r]) * scale
             else:  # randomized spectrum: spread the unseen tail evenly
                 k = min(_mn(l)) - len(s.s2)
-                gain = s.tail(len(s.s2)) / s.total / max(k, 1)
+                gain = s.tail(len(s.s2)) * scale / max(k, 1)
             heapq.heappush(heap, (-gain / cost, l.name, cost, False))
         elif r == l.break_even - 1:
             cost = l.params_before - r * cost
-            heapq.heappush(heap, (-(s.tail(r) / s.total) / max(cost, 1), l.name, cost, True))
+            heapq.heappush(heap, (-(s.tail(r) * scale) / max(cost, 1), l.name, cost, True))
 
     for l in layers:
         push(l)

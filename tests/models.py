@@ -48,3 +48,23 @@ def tiny_token_model() -> nn.Module:
 
 def not_a_module() -> object:
     return {"a": 1}
+
+
+class TwoBranch(nn.Module):
+    """Two identical-shape branches; the second reaches the output scaled by 0.01, so it is
+    far less sensitive. A sensitivity-aware allocator must give it the smaller rank."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loud = nn.Linear(32, 32, bias=False)
+        self.quiet = nn.Linear(32, 32, bias=False)
+        with torch.no_grad():
+            self.quiet.weight.copy_(self.loud.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.loud(x) + 0.01 * self.quiet(x)
+
+
+def two_branch() -> nn.Module:
+    torch.manual_seed(0)
+    return TwoBranch()

@@ -206,3 +206,21 @@ def test_minilm_cli_compress_is_optimal_reloadable_and_deterministic(tmp_path):
         b = small(**enc).last_hidden_state
     assert torch.equal(a, b)
     assert (o1 / "tokenizer.json").is_file() and (o1 / "config.json").is_file()
+
+
+def test_global_allocation_weights_layers_by_measured_sensitivity():
+    from tests.models import two_branch
+    model = two_branch()
+    g = torch.Generator().manual_seed(2)
+    data = lc.TensorData({"": torch.randn(128, 32, generator=g).numpy()})
+    stats = lc.pipeline.gather(model, lc.CompressConfig(ratio=0.5), data)
+    assert stats.probe
+    flat = make_plan(model, lc.CompressConfig(ratio=0.4, probe_passes=0), stats)
+    ranks = {l.name: l.rank for l in flat.layers}
+    assert ranks["loud"] == ranks["quiet"]  # identical spectra: the unweighted objective splits evenly
+    aware = make_plan(model, lc.CompressConfig(ratio=0.4), stats)
+    lay = {l.name: l for l in aware.layers}
+    assert lay["loud"].sensitivity > 100 * lay["quiet"].sensitivity
+    assert (lay["loud"].rank or 32) > (lay["quiet"].rank or 0)
+    budget = 0.4 * sum(l.params_before for l in aware.layers)
+    assert sum(l.params_after for l in aware.layers) <= budget
