@@ -61,6 +61,10 @@ class Plan:
     eval_spectra: dict[str, Spectrum] = field(default_factory=dict, repr=False)
     eval_metrics: dict[str, Metric] = field(default_factory=dict, repr=False)
 
+    def table(self) -> str:
+        """The dry-run table."""
+        return plan_table(self)
+
     @property
     def params_after(self) -> int:
         return self.params_model - sum(l.params_before - l.params_after for l in self.layers)

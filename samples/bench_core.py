@@ -39,7 +39,8 @@ from lrcompress.pipeline import gather  # noqa: E402
 from minilm_eval import drift, embed  # noqa: E402
 from pydoc_text import reference_split  # noqa: E402
 
-ROWS = (("svd", "uniform"), ("svd-whiten", "uniform"), ("svd-whiten", "global"))
+# "global-flat" is global allocation without measured sensitivities (probe_passes=0)
+ROWS = (("svd", "uniform"), ("svd-whiten", "uniform"), ("svd-whiten", "global-flat"), ("svd-whiten", "global"))
 MAX_LENGTH = 128
 BATCH_SIZE = 32
 SEED = 0
@@ -73,8 +74,9 @@ def parse_rows(text: str) -> list[tuple[str, str]]:
 
 
 def make_config(method: str, allocate: str, ratio: float) -> lrcompress.CompressConfig:
+    passes = 0 if allocate == "global-flat" else 2
     return lrcompress.CompressConfig(method=lrcompress.method_config(method), ratio=ratio, scope="model",
-                                     allocate=allocate, seed=SEED)
+                                     allocate=allocate.replace("-flat", ""), seed=SEED, probe_passes=passes)
 
 
 def end_to_end(lines: list[str]) -> dict[str, float]:
@@ -147,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
           "(gathered once, added to every row's seconds)")
     print()
 
-    head = (f"{'method':<11} {'alloc':<8} {'target':>6} {'achieved':>8} {'cos mean':>8} {'cos worst':>9} "
+    head = (f"{'method':<11} {'alloc':<11} {'target':>6} {'achieved':>8} {'cos mean':>8} {'cos worst':>9} "
             f"{'nn10':>6} {'err ratio':>9} {'seconds':>7}")
     print(head)
     print("-" * len(head))
@@ -162,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
             except LrcompressError as e:
                 row["error"] = str(e)
                 results.append(row)
-                print(f"{method:<11} {allocate:<8} {ratio:>6.2f}  error: {e}")
+                print(f"{method:<11} {allocate:<11} {ratio:>6.2f}  error: {e}")
                 continue
             d = drift(ref, embed(student, tok, held, MAX_LENGTH))
             seconds = t_calib + report.seconds["plan"] + report.seconds["factorize"]
@@ -174,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
                        factorized_layers=sum(1 for l in report.layers if l.rank is not None),
                        dense_layers=sum(1 for l in report.layers if l.rank is None))
             results.append(row)
-            print(f"{method:<11} {allocate:<8} {ratio:>6.2f} {report.ratio:>8.4f} {d['cos_mean']:>8.4f} "
+            print(f"{method:<11} {allocate:<11} {ratio:>6.2f} {report.ratio:>8.4f} {d['cos_mean']:>8.4f} "
                   f"{d['cos_worst']:>9.4f} {d['nn10']:>6.3f} {fmt(err, '9.4f'):>9} {seconds:>7.2f}")
             del student
     print("-" * len(head))
