@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 from torch import nn
 
-from .layers import LowRankEmbedding, LowRankLinear
+from .layers import LowRankConv1x1, LowRankEmbedding, LowRankLinear
 from .methods import factorize
 from .planning import Plan, layer_matrix
 
@@ -59,6 +59,8 @@ def apply_plan(model: nn.Module, plan: Plan,
                       plan.eval_metrics.get(lp.name), plan.eval_spectra.get(lp.name))
         if isinstance(mod, nn.Embedding):
             new = LowRankEmbedding.from_factors(f.b.T.contiguous(), f.a.contiguous(), mod.padding_idx)
+        elif isinstance(mod, nn.Conv2d):
+            new = LowRankConv1x1.from_factors(f.a.contiguous(), f.b.contiguous(), mod)
         else:
             new = LowRankLinear.from_factors(f.a.contiguous(), f.b.contiguous(),
                                              None if mod.bias is None else mod.bias.detach())

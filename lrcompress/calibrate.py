@@ -19,8 +19,8 @@ from .errors import DataError
 
 @dataclass
 class LayerStats:
-    """Statistics of one layer's inputs: ``gram`` (n x n) for linear maps, ``counts`` (V,)
-    for embeddings; ``rows`` = number of input vectors (tokens) seen."""
+    """Statistics of one layer's inputs: ``gram`` (n x n) for linear maps and convolutions
+    (input channels), ``counts`` (V,) for embeddings; ``rows`` = input vectors (tokens, pixels)."""
 
     gram: torch.Tensor | None = None
     counts: torch.Tensor | None = None
@@ -54,6 +54,24 @@ def _select(x: torch.Tensor, mask: torch.Tensor | None, feature_dim: bool) -> to
             full = x.expand(*shape, *x.shape[len(lead):]) if feature_dim else x.expand(*shape)
             return full[mask]
     return x.reshape(-1, x.shape[-1]) if feature_dim else x.reshape(-1)
+
+
+def conv_channel_gram(conv: nn.Conv2d, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Input-channel Gram of a Conv2d over the pixels it reads (float64), and their count.
+
+    For a 1x1 conv this is exactly the Gram of the linear map it applies per output pixel
+    (stride-skipped pixels excluded); for a kxk conv it is the channel covariance over all
+    input pixels, the metric of its input-side factor.
+    """
+    if x.dim() == 3:
+        x = x.unsqueeze(0)
+    if conv.kernel_size == (1, 1) and isinstance(conv.padding, tuple):
+        ph, pw = conv.padding
+        if ph or pw:
+            x = torch.nn.functional.pad(x, (pw, pw, ph, ph))
+        x = x[:, :, :: conv.stride[0], :: conv.stride[1]]
+    rows = x.permute(0, 2, 3, 1).reshape(-1, x.shape[1]).to(torch.float64)
+    return rows.T @ rows, rows.shape[0]
 
 
 def calibrate(
@@ -99,6 +117,17 @@ def calibrate(
             st.rows += int(ids.numel())
         return hook
 
+    def conv_hook(name: str) -> Callable:
+        def hook(mod: nn.Conv2d, args: tuple) -> None:
+            st = calib.layers[name]
+            g, n = conv_channel_gram(mod, args[0].detach())
+            if not torch.isfinite(g).all():
+                raise DataError(f"layer {name!r} received NaN/Inf activations; check the weights "
+                                "and the calibration inputs")
+            st.gram = g if st.gram is None else st.gram.add_(g)
+            st.rows += n
+        return hook
+
     for name in names:
         mod = modules[name]
         calib.layers[name] = LayerStats()
@@ -106,6 +135,8 @@ def calibrate(
             handles.append(mod.register_forward_pre_hook(embedding_hook(name)))
         elif isinstance(mod, nn.Linear):
             handles.append(mod.register_forward_pre_hook(linear_hook(name)))
+        elif isinstance(mod, nn.Conv2d):
+            handles.append(mod.register_forward_pre_hook(conv_hook(name)))
         else:
             raise TypeError(f"cannot calibrate module {name!r} of type {type(mod).__name__}")
     was_training = model.training

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError, OutputError, SourceError
-from .layers import LowRankEmbedding, LowRankLinear, build_shell
+from .layers import LowRankConv1x1, LowRankEmbedding, LowRankLinear, build_shell
 
 FORMAT = "lrcompress/1"
 MANIFEST = "lrcompress.json"
@@ -58,6 +58,11 @@ def factorized_layers(model: nn.Module) -> dict[str, dict[str, Any]]:
         if isinstance(mod, LowRankLinear):
             out[name] = {"kind": "linear", "shape": [mod.out_features, mod.in_features],
                          "rank": mod.rank, "bias": mod.second.bias is not None,
+                         "dtype": str(mod.first.weight.dtype).replace("torch.", "")}
+        elif isinstance(mod, LowRankConv1x1):
+            out[name] = {"kind": "conv1x1", "shape": [mod.out_channels, mod.in_channels],
+                         "rank": mod.rank, "bias": mod.second.bias is not None,
+                         "stride": list(mod.first.stride), "padding": list(mod.first.padding),
                          "dtype": str(mod.first.weight.dtype).replace("torch.", "")}
         elif isinstance(mod, LowRankEmbedding):
             out[name] = {"kind": "embedding", "shape": [mod.num_embeddings, mod.embedding_dim],
@@ -169,7 +174,7 @@ def load(folder: str | Path, *, trust_pickle: bool = False, with_manifest: bool 
         for name, info in manifest.get("layers", {}).items():
             shell = build_shell(info["kind"], info["shape"], info["rank"], bias=info.get("bias", False),
                                 padding_idx=info.get("padding_idx"),
-                                dtype=getattr(torch, info.get("dtype", "float32")))
+                                dtype=getattr(torch, info.get("dtype", "float32")), info=info)
             parent_name, _, attr = name.rpartition(".")
             try:
                 parent = model.get_submodule(parent_name) if parent_name else model

@@ -71,13 +71,51 @@ class LowRankEmbedding(nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}, rank={self.rank}"
 
 
+class LowRankConv1x1(nn.Module):
+    """A 1x1 convolution as a rank-r pair: 1x1 conv (in -> r, original stride and padding)
+    then 1x1 conv (r -> out, original bias)."""
+
+    def __init__(self, in_channels: int, out_channels: int, rank: int, stride: tuple[int, int] = (1, 1),
+                 padding: tuple[int, int] = (0, 0), bias: bool = True, device: torch.device | None = None,
+                 dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.in_channels, self.out_channels, self.rank = in_channels, out_channels, rank
+        self.first = nn.Conv2d(in_channels, rank, 1, stride=stride, padding=padding, bias=False,
+                               device=device, dtype=dtype)
+        self.second = nn.Conv2d(rank, out_channels, 1, bias=bias, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(self.first(x))
+
+    @classmethod
+    def from_factors(cls, a: torch.Tensor, b: torch.Tensor, conv: nn.Conv2d) -> "LowRankConv1x1":
+        """W ~= a @ b for the conv's (out x in) matrix; keeps its stride, padding and bias."""
+        mod = cls(b.shape[1], a.shape[0], a.shape[1], stride=conv.stride, padding=conv.padding,
+                  bias=conv.bias is not None, device=a.device, dtype=a.dtype)
+        with torch.no_grad():
+            mod.first.weight.copy_(b[:, :, None, None])
+            mod.second.weight.copy_(a[:, :, None, None])
+            if conv.bias is not None:
+                mod.second.bias.copy_(conv.bias)
+        return mod
+
+    def extra_repr(self) -> str:
+        return f"{self.in_channels}, {self.out_channels}, rank={self.rank}"
+
+
 def build_shell(kind: str, shape: list[int], rank: int, bias: bool = False,
-                padding_idx: int | None = None, dtype: torch.dtype | None = None) -> nn.Module:
+                padding_idx: int | None = None, dtype: torch.dtype | None = None,
+                info: dict | None = None) -> nn.Module:
     """An uninitialised factorized module of the given kind (used when reloading)."""
+    info = info or {}
     if kind == "linear":
         out_f, in_f = shape
         return LowRankLinear(in_f, out_f, rank, bias=bias, dtype=dtype)
     if kind == "embedding":
         v, d = shape
         return LowRankEmbedding(v, d, rank, padding_idx=padding_idx, dtype=dtype)
+    if kind == "conv1x1":
+        out_c, in_c = shape
+        return LowRankConv1x1(in_c, out_c, rank, stride=tuple(info.get("stride", (1, 1))),
+                              padding=tuple(info.get("padding", (0, 0))), bias=bias, dtype=dtype)
     raise ValueError(f"unknown factorized layer kind {kind!r}")

@@ -15,15 +15,15 @@ from torch import nn
 from .calibrate import Calibration
 from .config import CompressConfig, WhitenedSVDConfig
 from .errors import ConfigError, WeightError
-from .layers import LowRankEmbedding, LowRankLinear
+from .layers import LowRankConv1x1, LowRankEmbedding, LowRankLinear
 from .methods import Metric, Spectrum, svd_spectrum, whitened_spectrum
 from .methods.whiten import metric_from_stats
 
 
 @dataclass
 class LayerPlan:
-    """One layer's decision. ``shape`` is the stored weight shape ((out, in) for Linear,
-    (V, d) for Embedding); ``rank`` is None when the layer stays dense (``reason`` says why)."""
+    """One layer's decision. ``shape`` is the stored weight shape ((out, in) for Linear and
+    1x1 Conv2d, (V, d) for Embedding); ``rank`` is None when the layer stays dense (``reason`` says why)."""
 
     name: str
     kind: str
@@ -79,6 +79,15 @@ def break_even_rank(m: int, n: int) -> int:
     return math.ceil(m * n / (m + n))
 
 
+def module_weight(kind: str, matrix: torch.Tensor) -> torch.Tensor:
+    """Inverse of layer_matrix: the (out x in) map back in the module's weight layout."""
+    if kind == "embedding":
+        return matrix.T
+    if kind == "conv1x1":
+        return matrix[:, :, None, None]
+    return matrix
+
+
 def _matches(pattern: str, name: str) -> bool:
     if pattern.startswith("re:"):
         return re.fullmatch(pattern[3:], name) is not None
@@ -98,14 +107,30 @@ def factorizable(model: nn.Module) -> dict[str, nn.Module]:
     found: dict[str, nn.Module] = {}
     skip: list[str] = []
     for name, mod in model.named_modules():
-        if isinstance(mod, (LowRankLinear, LowRankEmbedding)):
+        if isinstance(mod, (LowRankLinear, LowRankEmbedding, LowRankConv1x1)):
             skip.append(name + ".")
             continue
         if any(name.startswith(s) for s in skip):
             continue
         if isinstance(mod, (nn.Linear, nn.Embedding)) and mod.weight.dim() == 2:
             found[name] = mod
+        elif is_conv1x1(mod):
+            found[name] = mod
     return found
+
+
+def is_conv1x1(mod: nn.Module) -> bool:
+    """A 1x1, ungrouped, undilated Conv2d: a linear map over channels at every pixel."""
+    return (isinstance(mod, nn.Conv2d) and mod.kernel_size == (1, 1) and mod.groups == 1
+            and isinstance(mod.padding, tuple) and mod.padding_mode == "zeros")
+
+
+def layer_kind(mod: nn.Module) -> str:
+    if isinstance(mod, nn.Embedding):
+        return "embedding"
+    if isinstance(mod, nn.Conv2d):
+        return "conv1x1"
+    return "linear"
 
 
 def select_targets(model: nn.Module, targets: tuple[str, ...], exclude: tuple[str, ...]) -> list[str]:
@@ -158,7 +183,10 @@ def _tied(model: nn.Module, names: list[str]) -> dict[str, str]:
 
 
 def layer_matrix(mod: nn.Module) -> torch.Tensor:
-    """The linear map as (out x in): Linear weight, or the transposed embedding table."""
+    """The linear map as (out x in): Linear weight, 1x1 conv kernel, or the transposed
+    embedding table."""
+    if isinstance(mod, nn.Conv2d):
+        return mod.weight[:, :, 0, 0]
     return mod.weight if isinstance(mod, nn.Linear) else mod.weight.T
 
 
@@ -189,8 +217,8 @@ def make_plan(model: nn.Module, config: CompressConfig, calib: Calibration | Non
         mod = modules[name]
         w = layer_matrix(mod)
         m, n = w.shape
-        kind = "embedding" if isinstance(mod, nn.Embedding) else "linear"
-        shape = tuple(mod.weight.shape)
+        kind = layer_kind(mod)
+        shape = tuple(mod.weight.shape[:2])
         be = break_even_rank(m, n)
         if config.rank is not None and config.rank > min(m, n):
             raise ConfigError(f"--rank {config.rank} exceeds min(m, n) = {min(m, n)} of layer {name!r} "
@@ -264,8 +292,7 @@ def _sensitivities(model: nn.Module, plan: Plan, layers: list[LayerPlan], ranks:
         r = min(ranks[l.name], max(l.break_even - 1, 1))
         w = layer_matrix(model.get_submodule(l.name))
         f = factorize(w, plan.spectra[l.name], r, plan.metrics[l.name])
-        approx = f.a @ f.b
-        probes[l.name] = (approx if l.kind == "linear" else approx.T, f.relative_error ** 2)
+        probes[l.name] = (module_weight(l.kind, f.a @ f.b), f.relative_error ** 2)
     raw = measure(model, probe, probes, progress)
     positive = sorted(v for v in raw.values() if v > 0)
     floor = 1e-3 * positive[len(positive) // 2] if positive else 1.0

@@ -68,3 +68,23 @@ class TwoBranch(nn.Module):
 def two_branch() -> nn.Module:
     torch.manual_seed(0)
     return TwoBranch()
+
+
+class PointwiseNet(nn.Module):
+    """A 3x3 conv, then 1x1 convs with stride/padding/bias, then a Linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 24, 3, padding=1)
+        self.pw1 = nn.Conv2d(24, 48, 1, stride=2, padding=1)
+        self.pw2 = nn.Conv2d(48, 32, 1, bias=False)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.pw2(torch.relu(self.pw1(torch.relu(self.stem(x))))))
+        return self.head(h.mean(dim=(2, 3)))
+
+
+def pointwise_net() -> nn.Module:
+    torch.manual_seed(0)
+    return PointwiseNet()

@@ -116,7 +116,7 @@ def test_compress_copy_leaves_original_and_reports_optimum():
     with torch.no_grad():
         y, yhat = model.fc1(x).double(), small.fc1(x).double()
     bias = model.fc1.bias.double()
-    rel = float((y - yhat).norm() / (y - bias).norm())
+    rel = float(((y - yhat).norm() / (y - bias).norm()).detach())
     fc1 = next(l for l in rep.layers if l.name == "fc1")
     assert rel == pytest.approx(fc1.relative_error, rel=1e-4)
 
@@ -224,3 +224,35 @@ def test_global_allocation_weights_layers_by_measured_sensitivity():
     assert (lay["loud"].rank or 32) > (lay["quiet"].rank or 0)
     budget = 0.4 * sum(l.params_before for l in aware.layers)
     assert sum(l.params_after for l in aware.layers) <= budget
+
+
+def test_pointwise_convs_use_whitened_svd_and_keep_stride_padding_bias(tmp_path):
+    from lrcompress.layers import LowRankConv1x1
+    loaded = lc.resolve("tests.models:pointwise_net")
+    model = loaded.model
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(64, 3, 9, 9, generator=g)
+    data = lc.TensorData({"": x.numpy()})
+    ref = {}
+    hooks = [model.get_submodule(n).register_forward_hook(lambda m, a, o, n=n: ref.__setitem__(n, (a[0], o)))
+             for n in ("pw1", "pw2")]
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    report = lc.compress_(model, lc.CompressConfig(rank=8, targets=("pw1", "pw2")), data)
+    assert isinstance(model.pw1, LowRankConv1x1) and model.pw1.first.stride == (2, 2)
+    assert model.pw1.first.padding == (1, 1) and model.pw2.second.bias is None
+    for lay in report.layers:
+        assert lay.error_ratio == pytest.approx(1.0, abs=1e-3)
+        inp, out = ref[lay.name]
+        with torch.no_grad():
+            got = model.get_submodule(lay.name)(inp)
+        bias = model.get_submodule(lay.name).second.bias
+        base = out - (bias[None, :, None, None] if bias is not None else 0)
+        rel = float((got - out).norm() / base.norm().detach())
+        assert rel == pytest.approx(lay.relative_error, rel=1e-3)
+    out_dir = lc.save(model, tmp_path / "pw", loaded.spec)
+    again, _ = lc.load(out_dir)
+    with torch.no_grad():
+        assert torch.equal(model(x[:3]), again(x[:3]))
