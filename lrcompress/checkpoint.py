@@ -64,6 +64,12 @@ def factorized_layers(model: nn.Module) -> dict[str, dict[str, Any]]:
                          "rank": mod.rank, "bias": mod.second.bias is not None,
                          "stride": list(mod.first.stride), "padding": list(mod.first.padding),
                          "dtype": str(mod.first.weight.dtype).replace("torch.", "")}
+        elif type(mod).__name__ in ("TuckerConv2d", "CPConv2d"):
+            from .conv_layers import conv_shell_info
+            out[name] = dict(conv_shell_info(mod), dtype=str(mod.last.weight.dtype).replace("torch.", ""))
+        elif type(mod).__name__ == "TTLinear":
+            from .tt_layers import tt_shell_info
+            out[name] = tt_shell_info(mod)
         elif isinstance(mod, LowRankEmbedding):
             out[name] = {"kind": "embedding", "shape": [mod.num_embeddings, mod.embedding_dim],
                          "rank": mod.rank, "padding_idx": mod.padding_idx,
@@ -150,6 +156,23 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
     return manifest
 
 
+def _shell(info: dict[str, Any]) -> nn.Module:
+    """An uninitialised factorized module from its manifest entry."""
+    kind = info.get("kind")
+    dtype = getattr(torch, info.get("dtype", "float32"))
+    try:
+        if kind in ("tucker", "cp"):
+            from .conv_layers import build_conv_shell
+            return build_conv_shell(kind, info, dtype=dtype)
+        if kind == "tt_linear":
+            from .tt_layers import build_tt_shell
+            return build_tt_shell(info)
+        return build_shell(kind, info["shape"], info["rank"], bias=info.get("bias", False),
+                           padding_idx=info.get("padding_idx"), dtype=dtype, info=info)
+    except (KeyError, ValueError, TypeError) as e:
+        raise CheckpointError(f"manifest layer entry {info!r:.120} is damaged ({e}); re-run lrcompress compress") from None
+
+
 def load(folder: str | Path, *, trust_pickle: bool = False, with_manifest: bool = False) -> Any:
     """Rebuild the compressed model (and tokenizer, when the folder has one).
 
@@ -172,9 +195,7 @@ def load(folder: str | Path, *, trust_pickle: bool = False, with_manifest: bool 
         check_safetensors(weights)
         model = build_architecture(spec, p)
         for name, info in manifest.get("layers", {}).items():
-            shell = build_shell(info["kind"], info["shape"], info["rank"], bias=info.get("bias", False),
-                                padding_idx=info.get("padding_idx"),
-                                dtype=getattr(torch, info.get("dtype", "float32")), info=info)
+            shell = _shell(info)
             parent_name, _, attr = name.rpartition(".")
             try:
                 parent = model.get_submodule(parent_name) if parent_name else model

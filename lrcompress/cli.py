@@ -31,6 +31,14 @@ def _parse_number(flag: str, value: str | None, kind: type) -> Any:
         raise ConfigError(f"{flag} {value!r} is not a number; give {want}") from None
 
 
+def _parse_tt_shape(text: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    try:
+        out_s, in_s = text.split(":")
+        return tuple(int(v) for v in out_s.split("x")), tuple(int(v) for v in in_s.split("x"))
+    except ValueError:
+        raise ConfigError(f"--tt-shape {text!r} is not OUT:IN modes; write e.g. 8x12x16:8x8x6") from None
+
+
 def _device(device: str) -> str:
     import torch
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
@@ -73,13 +81,16 @@ def cli() -> None:
 @click.argument("source")
 @click.option("-o", "--output", "output", type=str, default=None, help="Output folder (required unless --dry-run).")
 @_apply(source_options + calib_options)
-@click.option("--method", type=str, default=None, help="svd | svd-whiten (default: svd-whiten with --calib, else svd).")
+@click.option("--method", type=str, default=None,
+              help="svd | svd-whiten | tucker | cp (kxk Conv2d) | tt (Linear); default: svd-whiten with --calib, else svd.")
 @click.option("--rank", type=str, default=None, help="Exact rank for every target layer.")
 @click.option("--ratio", type=str, default=None, help="Fraction of parameters to keep, in (0, 1].")
 @click.option("--energy", type=str, default=None, help="Fraction of (whitened) spectral energy to keep per layer.")
 @click.option("--allocate", type=str, default="global", show_default=True, help="uniform | global (with --ratio).")
 @click.option("--scope", type=str, default="targets", show_default=True,
               help="--ratio counts the targeted layers' params (targets) or the whole model's (model).")
+@click.option("--tt-shape", type=str, default=None,
+              help="--method tt: explicit modes OUT:IN, e.g. 8x12x16:8x8x6 (default: balanced, automatic).")
 @click.option("--probe-passes", type=int, default=2, show_default=True,
               help="Global allocation: rounds of measured layer sensitivity (0 = off).")
 @click.option("--solver", type=str, default="exact", show_default=True, help="exact | randomized SVD.")
@@ -92,7 +103,7 @@ def cli() -> None:
 def compress(source: str, output: str | None, weights: str | None, trust_pickle: bool, calib: str | None,
              max_length: int, calib_samples: int | None, batch_size: int, targets: tuple, exclude: tuple,
              method: str | None, rank: str | None, ratio: str | None, energy: str | None, allocate: str,
-             scope: str, probe_passes: int, solver: str, seed: int, device: str, dry_run: bool, overwrite: bool,
+             scope: str, tt_shape: str | None, probe_passes: int, solver: str, seed: int, device: str, dry_run: bool, overwrite: bool,
              as_json: bool, quiet: bool) -> None:
     """Factorize SOURCE's Linear/Embedding layers and write a compressed checkpoint."""
     import torch
@@ -105,8 +116,13 @@ def compress(source: str, output: str | None, weights: str | None, trust_pickle:
     from .sources import resolve
 
     method = method or ("svd-whiten" if calib else "svd")
+    extra: dict[str, Any] = {}
+    if tt_shape is not None:
+        if method != "tt":
+            raise ConfigError(f"--tt-shape is only for --method tt (got --method {method}); drop it or use --method tt")
+        extra["tt_shape"] = _parse_tt_shape(tt_shape)
     config = CompressConfig(
-        method=method_config(method, solver=solver), rank=_parse_number("--rank", rank, int),
+        method=method_config(method, solver=solver, **extra), rank=_parse_number("--rank", rank, int),
         ratio=_parse_number("--ratio", ratio, float), energy=_parse_number("--energy", energy, float),
         allocate=allocate, scope=scope, targets=targets, exclude=exclude, seed=seed,
         probe_passes=probe_passes)
@@ -184,7 +200,7 @@ def inspect(source: str, weights: str | None, trust_pickle: bool, calib: str | N
     stats = None
     if calib:
         data = open_data(calib, loaded.tokenizer, max_length, calib_samples)
-        names = select_targets(loaded.model, targets, exclude)
+        names = select_targets(loaded.model, targets, exclude, "svd-whiten")
         stats = calibrate(loaded.model, data.batches(batch_size), names)
     rep = run_inspect(loaded.model, stats, ratio=r, targets=targets, exclude=exclude)
     if plot is not None:

@@ -8,7 +8,8 @@ from typing import Any
 
 from .errors import ConfigError
 
-METHODS = ("svd", "svd-whiten")
+METHODS = ("svd", "svd-whiten", "tucker", "cp", "tt")
+TENSOR_METHODS = ("tucker", "cp", "tt")
 ALLOCATIONS = ("uniform", "global")
 SCOPES = ("targets", "model")
 SOLVERS = ("exact", "randomized")
@@ -62,17 +63,77 @@ class WhitenedSVDConfig(SVDConfig):
             raise ConfigError(f"embedding_smoothing={s} must be in [0, 1]; e.g. 0.1")
 
 
+@dataclass(frozen=True)
+class TuckerConfig(WhitenedSVDConfig):
+    """Tucker-2 for kxk Conv2d (data-aware on the input-channel mode when calibrated); other
+    selected layers use whitened SVD. ``max_iter``: HOOI sweeps."""
+
+    max_iter: int = 50
+    name: str = field(default="tucker", init=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.max_iter, bool) or not isinstance(self.max_iter, int) or self.max_iter < 0:
+            raise ConfigError(f"max_iter={self.max_iter!r} must be an int >= 0; e.g. 50")
+
+
+@dataclass(frozen=True)
+class CPConfig(WhitenedSVDConfig):
+    """CP for kxk Conv2d by ALS from HOSVD factors; a layer whose fit stays below ``min_fit``
+    is kept dense (and the report says so). Other selected layers use whitened SVD."""
+
+    max_iter: int = 100
+    tol: float = 1e-6
+    min_fit: float = 0.8
+    name: str = field(default="cp", init=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.max_iter, bool) or not isinstance(self.max_iter, int) or self.max_iter < 1:
+            raise ConfigError(f"max_iter={self.max_iter!r} must be an int >= 1; e.g. 100")
+        if not 0.0 <= _check_number("min_fit", self.min_fit) < 1.0:
+            raise ConfigError(f"min_fit={self.min_fit} must be in [0, 1); e.g. 0.8")
+        if not _check_number("tol", self.tol) > 0:
+            raise ConfigError(f"tol={self.tol} must be > 0; e.g. 1e-6")
+
+
+@dataclass(frozen=True)
+class TTConfig(WhitenedSVDConfig):
+    """Tensor-train matrices for Linear layers; in/out features factor into ``modes`` balanced
+    integer modes, or the explicit ``tt_shape`` ((out modes), (in modes)) for every layer."""
+
+    modes: int = 3
+    tt_shape: tuple[tuple[int, ...], tuple[int, ...]] | None = None
+    name: str = field(default="tt", init=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.modes, bool) or not isinstance(self.modes, int) or not 2 <= self.modes <= 6:
+            raise ConfigError(f"modes={self.modes!r} must be an int in [2, 6]; e.g. 3")
+        if self.tt_shape is not None:
+            shape = tuple(tuple(int(v) for v in part) for part in self.tt_shape)
+            if len(shape) != 2 or len(shape[0]) != len(shape[1]) or len(shape[0]) < 2 or min(min(shape[0]), min(shape[1])) < 1:
+                raise ConfigError(f"--tt-shape {self.tt_shape!r} must be two equally long lists of >= 2 "
+                                  "positive modes, e.g. 8x6x8:8x6x8 (out:in)")
+            object.__setattr__(self, "tt_shape", shape)
+
+
 MethodConfig = SVDConfig
+_CONFIGS = {"svd": SVDConfig, "svd-whiten": WhitenedSVDConfig, "tucker": TuckerConfig, "cp": CPConfig,
+            "tt": TTConfig}
 
 
 def method_config(name: str, **kwargs: Any) -> SVDConfig:
     """Build the method config for a --method name."""
+    if name not in _CONFIGS:
+        raise ConfigError(f"--method {name!r} is not one of {', '.join(METHODS)}; pick one of them")
     if name == "svd":
         kwargs.pop("embedding_smoothing", None)
-        return SVDConfig(**kwargs)
-    if name == "svd-whiten":
-        return WhitenedSVDConfig(**kwargs)
-    raise ConfigError(f"method {name!r} is not one of {METHODS}; pick one of them")
+    known = {f.name for f in fields(_CONFIGS[name]) if f.init}
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+        raise ConfigError(f"options {unknown} do not apply to --method {name}; allowed: {sorted(known)}")
+    return _CONFIGS[name](**kwargs)
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from torch import nn
 
 from .apply import apply_plan
 from .calibrate import Calibration, calibrate
-from .config import CompressConfig, WhitenedSVDConfig
+from .config import CompressConfig
 from .data import Batch, TensorData, TextData
 from .errors import ConfigError
 from .planning import Plan, make_plan, select_targets
@@ -32,7 +32,7 @@ def gather(model: nn.Module, config: CompressConfig, data: CalibrationLike, *, b
         return data
     if batch_size < 1:
         raise ConfigError(f"--batch-size {batch_size} must be >= 1; e.g. --batch-size 32")
-    names = select_targets(model, config.targets, config.exclude)
+    names = select_targets(model, config.targets, config.exclude, config.method.name)
     if isinstance(data, (TextData, TensorData)):
         calib = calibrate(model, data.batches(batch_size), names, device=device, progress=progress)
         calib.probe = [b.to(device) for b in probe_batches(data)]
@@ -55,7 +55,7 @@ def probe_batches(data: TextData | TensorData, examples: int = 16) -> list[Batch
 def plan(model: nn.Module, config: CompressConfig, calibration: CalibrationLike = None, *,
          batch_size: int = 32) -> Plan:
     """The plan (ranks, predicted errors) without touching any weight."""
-    if isinstance(config.method, WhitenedSVDConfig) and calibration is None:
+    if config.method.name == "svd-whiten" and calibration is None:
         raise ConfigError("method svd-whiten needs calibration data; pass --calib FILE or use --method svd")
     return make_plan(model, config, gather(model, config, calibration, batch_size=batch_size))
 
@@ -64,7 +64,7 @@ def compress_(model: nn.Module, config: CompressConfig, calibration: Calibration
               batch_size: int = 32, device: str | torch.device = "cpu",
               progress: Callable[[str, Any], None] | None = None) -> CompressionReport:
     """Compress ``model`` in place; returns the report."""
-    if isinstance(config.method, WhitenedSVDConfig) and calibration is None:
+    if config.method.name == "svd-whiten" and calibration is None:
         raise ConfigError("method svd-whiten needs calibration data; pass --calib FILE or use --method svd")
     tick = lambda stage: (lambda x: progress(stage, x)) if progress else None  # noqa: E731
     params_before, bytes_before = sum(p.numel() for p in model.parameters()), param_bytes(model)

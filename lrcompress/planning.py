@@ -36,6 +36,7 @@ class LayerPlan:
     break_even: int
     reason: str = ""
     sensitivity: float | None = None
+    ranks: list | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -60,6 +61,8 @@ class Plan:
     metrics: dict[str, Metric] = field(default_factory=dict, repr=False)
     eval_spectra: dict[str, Spectrum] = field(default_factory=dict, repr=False)
     eval_metrics: dict[str, Metric] = field(default_factory=dict, repr=False)
+    grams: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    probe: list = field(default_factory=list, repr=False)
 
     def table(self) -> str:
         """The dry-run table."""
@@ -103,20 +106,32 @@ def _selected(pattern: str, name: str) -> bool:
 
 
 def factorizable(model: nn.Module) -> dict[str, nn.Module]:
-    """Linear and Embedding modules not already inside a factorized module."""
+    """Linear, Embedding and Conv2d modules not already inside a factorized module."""
+    FACTORIZED = _factorized_types()
     found: dict[str, nn.Module] = {}
     skip: list[str] = []
     for name, mod in model.named_modules():
-        if isinstance(mod, (LowRankLinear, LowRankEmbedding, LowRankConv1x1)):
+        if isinstance(mod, FACTORIZED):
             skip.append(name + ".")
             continue
         if any(name.startswith(s) for s in skip):
             continue
         if isinstance(mod, (nn.Linear, nn.Embedding)) and mod.weight.dim() == 2:
             found[name] = mod
-        elif is_conv1x1(mod):
+        elif is_conv1x1(mod) or is_kxk_conv(mod):
             found[name] = mod
     return found
+
+
+def _factorized_types() -> tuple[type, ...]:
+    from .conv_layers import CPConv2d, TuckerConv2d
+    from .tt_layers import TTLinear
+    return (LowRankLinear, LowRankEmbedding, LowRankConv1x1, TuckerConv2d, CPConv2d, TTLinear)
+
+
+def is_kxk_conv(mod: nn.Module) -> bool:
+    """A Conv2d with a kernel larger than 1x1 (Tucker/CP territory)."""
+    return isinstance(mod, nn.Conv2d) and mod.kernel_size != (1, 1)
 
 
 def is_conv1x1(mod: nn.Module) -> bool:
@@ -129,12 +144,23 @@ def layer_kind(mod: nn.Module) -> str:
     if isinstance(mod, nn.Embedding):
         return "embedding"
     if isinstance(mod, nn.Conv2d):
-        return "conv1x1"
+        return "conv1x1" if is_conv1x1(mod) else "conv"
     return "linear"
 
 
-def select_targets(model: nn.Module, targets: tuple[str, ...], exclude: tuple[str, ...]) -> list[str]:
-    """Names of the layers to consider; every pattern must match something."""
+def _default_kinds(method: str) -> tuple[str, ...]:
+    """Layer kinds a method targets when no --targets are given."""
+    if method in ("tucker", "cp"):
+        return ("conv", "conv1x1")
+    if method == "tt":
+        return ("linear",)
+    return ("linear", "embedding", "conv1x1")
+
+
+def select_targets(model: nn.Module, targets: tuple[str, ...], exclude: tuple[str, ...],
+                   method: str = "svd-whiten") -> list[str]:
+    """Names of the layers to consider; every pattern must match something. Without
+    ``targets``, the layer kinds the method works on (convs for tucker/cp, Linear for tt)."""
     candidates = factorizable(model)
     all_names = [n for n, _ in model.named_modules() if n]
     for flag, pats in (("--targets", targets), ("--exclude", exclude)):
@@ -152,8 +178,15 @@ def select_targets(model: nn.Module, targets: tuple[str, ...], exclude: tuple[st
     if targets:
         names = [n for n in names if any(_selected(p, n) for p in targets)]
         if not names:
-            raise ConfigError(f"--targets {list(targets)} match modules but no Linear/Embedding layer; "
-                              "point them at Linear or Embedding layers")
+            raise ConfigError(f"--targets {list(targets)} match modules but no Linear/Embedding/Conv2d layer; "
+                              "point them at layers that can be factorized")
+    else:
+        kinds = _default_kinds(method)
+        names = [n for n in names if layer_kind(candidates[n]) in kinds]
+        if not names:
+            what = {"tucker": "Conv2d", "cp": "Conv2d", "tt": "Linear"}.get(method, "Linear/Embedding")
+            raise ConfigError(f"--method {method} works on {what} layers and the model has none; pick a "
+                              f"method for its layers ({', '.join(sorted(set(layer_kind(m) for m in candidates.values()))) or 'none'})")
     names = [n for n in names if not any(_selected(p, n) for p in exclude)]
     if not names:
         raise ConfigError("no layer is left to compress after --targets/--exclude; widen --targets")
@@ -184,7 +217,9 @@ def _tied(model: nn.Module, names: list[str]) -> dict[str, str]:
 
 def layer_matrix(mod: nn.Module) -> torch.Tensor:
     """The linear map as (out x in): Linear weight, 1x1 conv kernel, or the transposed
-    embedding table."""
+    embedding table (for a kxk conv: the (out x in*kh*kw) unfolding)."""
+    if isinstance(mod, nn.Conv2d) and mod.kernel_size != (1, 1):
+        return mod.weight.reshape(mod.weight.shape[0], -1)
     if isinstance(mod, nn.Conv2d):
         return mod.weight[:, :, 0, 0]
     return mod.weight if isinstance(mod, nn.Linear) else mod.weight.T
@@ -204,22 +239,37 @@ def _metric(mod: nn.Module, name: str, calib: Calibration | None, smoothing: flo
 def make_plan(model: nn.Module, config: CompressConfig, calib: Calibration | None = None,
               progress: Callable[[str], None] | None = None) -> Plan:
     """Decide ranks for every target layer. Touches no weight."""
+    from .tensor_plan import allocate_tucker, plan_layer, tensor_method, unsupported
     check_finite(model)
-    names = select_targets(model, config.targets, config.exclude)
+    names = select_targets(model, config.targets, config.exclude, config.method.name)
     modules = dict(model.named_modules())
     tied = _tied(model, names)
     params_model = sum(p.numel() for p in model.parameters())
     whiten = isinstance(config.method, WhitenedSVDConfig)
     smoothing = config.method.embedding_smoothing if whiten else 0.0
     layers: dict[str, LayerPlan] = {}
-    plan = Plan([], params_model, config)
+    plan = Plan([], params_model, config, probe=list(calib.probe) if calib is not None else [])
+    tensor_layers: list[tuple[LayerPlan, nn.Module, str]] = []
     for name in names:
         mod = modules[name]
         w = layer_matrix(mod)
         m, n = w.shape
         kind = layer_kind(mod)
-        shape = tuple(mod.weight.shape[:2])
+        shape = tuple(mod.weight.shape) if kind == "conv" else tuple(mod.weight.shape[:2])
         be = break_even_rank(m, n)
+        tmethod = tensor_method(mod, config)
+        if tmethod is not None or kind == "conv":
+            lp = LayerPlan(name, kind, shape, tmethod or config.method.name, None, m * n, m * n, 0.0, be)
+            layers[name] = lp
+            if tmethod is None:
+                lp.reason = "kxk conv: only --method tucker or cp factorize it"
+            elif name in tied:
+                lp.reason = f"weight tied with {tied[name]}: kept dense"
+            else:
+                tensor_layers.append((lp, mod, tmethod))
+                if calib is not None and name in calib:
+                    plan.grams[name] = calib.layers[name].gram
+            continue
         if config.rank is not None and config.rank > min(m, n):
             raise ConfigError(f"--rank {config.rank} exceeds min(m, n) = {min(m, n)} of layer {name!r} "
                               f"{shape}; use --rank <= {min(m, n)} or --exclude {name}")
@@ -233,7 +283,9 @@ def make_plan(model: nn.Module, config: CompressConfig, calib: Calibration | Non
             continue
         metric = _metric(mod, name, calib, smoothing)
         method = config.method
-        if whiten and metric is None:
+        if whiten and config.method.name != "svd-whiten":  # matrix layers under tucker/cp/tt
+            lp.method = "svd-whiten" if metric is not None else "svd"
+        elif whiten and metric is None:
             lp.reason = "no calibration input reached this layer: plain SVD"
             lp.method = "svd"
         max_rank = config.rank if config.rank is not None else be
@@ -249,21 +301,40 @@ def make_plan(model: nn.Module, config: CompressConfig, calib: Calibration | Non
         if progress is not None:
             progress(name)
     active = [l for l in layers.values() if l.name in plan.spectra]
+    budget = None
+    if tensor_layers:
+        frac = None
+        if config.ratio is not None:
+            budget, frac = _budget(active + [t[0] for t in tensor_layers], config, params_model)
+        presets: dict[str, Any] = {}
+        tucker = [(lp, mod) for lp, mod, t in tensor_layers if t == "tucker" and unsupported(mod, t) is None]
+        if tucker and config.ratio is not None and config.allocate == "global":
+            share = frac * sum(lp.params_before for lp, _ in tucker)
+            presets = allocate_tucker(tucker, plan.grams, share)
+        for lp, mod, tmethod in tensor_layers:
+            plan_layer(lp, mod, tmethod, config, frac, plan.grams.get(lp.name), presets.get(lp.name, False))
+            if progress is not None:
+                progress(lp.name)
+        if budget is not None:
+            budget -= sum(lp.params_after for lp, _, _ in tensor_layers)
     weights = None
     if (config.allocate == "global" and config.ratio is not None and config.probe_passes > 0
             and calib is not None and calib.probe):
-        _, frac = _budget(active, config, params_model)
+        if budget is None:
+            _, frac = _budget(active, config, params_model)
+        else:
+            frac = budget / max(sum(l.params_before for l in active), 1)
         probe_ranks = {l.name: max(1, math.floor(min(frac, 1.0) * l.params_before / sum(_mn(l))))
                        for l in active}
         weights = {}
         for i in range(config.probe_passes):
             if i > 0:  # re-probe at the ranks the previous weights allocate
                 probe_ranks = {k: r for k, r in _allocate(active, plan.spectra, config, params_model,
-                                                          weights).items() if r is not None}
+                                                          weights, budget).items() if r is not None}
             weights.update(_sensitivities(model, plan, active, probe_ranks, calib.probe, progress))
         for lp in active:
             lp.sensitivity = weights[lp.name]
-    ranks = _allocate(active, plan.spectra, config, params_model, weights)
+    ranks = _allocate(active, plan.spectra, config, params_model, weights, budget) if active else {}
     for lp in active:
         r = ranks[lp.name]
         m, n = layer_matrix(modules[lp.name]).shape
@@ -313,12 +384,22 @@ def _budget(layers: list[LayerPlan], config: CompressConfig, params_model: int) 
 
 
 def _allocate(layers: list[LayerPlan], spectra: dict[str, Spectrum], config: CompressConfig,
-              params_model: int, weights: dict[str, float] | None = None) -> dict[str, int | None]:
+              params_model: int, weights: dict[str, float] | None = None,
+              budget: float | None = None) -> dict[str, int | None]:
+    """Ranks for matrix layers; ``budget`` overrides the ratio budget (what tensor-method
+    layers left of it)."""
     if config.rank is not None:
         return {l.name: config.rank for l in layers}
     if config.energy is not None:
         return {l.name: spectra[l.name].rank_for_energy(config.energy) for l in layers}
-    budget, frac = _budget(layers, config, params_model)
+    if budget is None:
+        budget, frac = _budget(layers, config, params_model)
+    else:
+        total = sum(l.params_before for l in layers)
+        frac = budget / total if total else 1.0
+        if frac <= 0:
+            raise ConfigError(f"--ratio {config.ratio} leaves no parameters for the low-rank layers after the "
+                              "tensor-method layers took their share; raise --ratio")
     if frac >= 1.0:
         return {l.name: None for l in layers}
     if config.allocate == "uniform":

@@ -33,7 +33,7 @@ class CompressionReport:
     @property
     def worst_error_ratio(self) -> float:
         vals = [l.error_ratio for l in self.layers if l.rank is not None and l.error_metric == "output"
-                and l.method == "svd-whiten"]
+                and l.method == "svd-whiten" and not math.isnan(l.error_ratio)]
         return max(vals) if vals else 1.0
 
     def to_dict(self) -> dict[str, Any]:
@@ -63,9 +63,13 @@ class CompressionReport:
             if l.rank is None:
                 lines.append(f"{l.name[-44:]:44} {shape:>12} {'dense':>10} {'-':>5} {params:>17}  {l.reason}")
             else:
-                lines.append(f"{l.name[-44:]:44} {shape:>12} {l.method:>10} {l.rank:>5} {params:>17} "
-                             f"{l.relative_error:8.4f} {l.optimal_error:8.4f} {l.error_ratio:6.3f}"
-                             + ("" if l.error_metric == "output" else " (weight)"))
+                opt = "-" if math.isnan(l.optimal_error) else f"{l.optimal_error:8.4f}"
+                ratio = "-" if math.isnan(l.error_ratio) else f"{l.error_ratio:6.3f}"
+                rank = l.rank if not l.ranks or l.method == "tt" else "/".join(map(str, l.ranks))
+                lines.append(f"{l.name[-44:]:44} {shape:>12} {l.method:>10} {str(rank):>5} {params:>17} "
+                             f"{l.relative_error:8.4f} {opt:>8} {ratio:>6}"
+                             + ("" if l.error_metric == "output" else " (weight)")
+                             + (f"  {l.reason}" if l.reason else ""))
         lines.append("-" * len(head))
         lines.append(f"params {self.params_before:,} -> {self.params_after:,} ({self.ratio:.1%}); "
                      f"bytes {self.bytes_before:,} -> {self.bytes_after:,}; worst achieved/optimal "

@@ -88,3 +88,29 @@ class PointwiseNet(nn.Module):
 def pointwise_net() -> nn.Module:
     torch.manual_seed(0)
     return PointwiseNet()
+
+
+class ConvZoo(nn.Module):
+    """Convs exercising every hyper-parameter: tuple stride/padding/dilation, no bias,
+    a reflect-padded conv, a grouped conv (must stay dense) and a TT-friendly Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 16, (3, 5), stride=(1, 2), padding=(1, 2), dilation=(1, 1))
+        self.b = nn.Conv2d(16, 24, 3, stride=2, padding=2, dilation=2, bias=False)
+        self.c = nn.Conv2d(24, 24, 3, padding=1, padding_mode="reflect")
+        self.g = nn.Conv2d(24, 24, 3, padding=1, groups=4)
+        self.fc = nn.Linear(24, 64)
+        self.out = nn.Linear(64, 36)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.a(x))
+        h = torch.relu(self.b(h))
+        h = torch.relu(self.c(h))
+        h = torch.relu(self.g(h))
+        return self.out(torch.relu(self.fc(h.mean(dim=(2, 3)))))
+
+
+def conv_zoo() -> nn.Module:
+    torch.manual_seed(0)
+    return ConvZoo()

@@ -1,0 +1,377 @@
+"""Tensor-train (TT-matrix) factorization of a Linear weight.
+
+A weight W (out x in) with out = o_1...o_d and in = i_1...i_d is viewed as the tensor
+W[(o_1,i_1), ..., (o_d,i_d)] and split by TT-SVD (Oseledets 2011) into d cores
+G_k of shape (r_{k-1}, o_k, i_k, r_k), r_0 = r_d = 1 (tensorly's TT-matrix layout):
+
+    W[o, i] = G_1[:, o_1, i_1, :] @ G_2[:, o_2, i_2, :] @ ... @ G_d[:, o_d, i_d, :]
+
+TT-SVD is done here in float64 torch (sequential truncated SVDs of the unfoldings): it matches
+tensorly's ``tensor_train_matrix`` (tested) and adds tolerance-driven ranks, deterministic signs
+and a balanced scalar gauge. Its squared error is exactly the sum of the discarded squared
+singular values of every step and is within sqrt(d-1) of the best TT approximation at those
+ranks (quasi-optimal, unlike the matrix SVD there is no closed-form optimum).
+
+Data: TT is a weight-space method. A full input whitening W L (L L^T = G) cannot be undone
+inside the TT format (L^{-1} is not a Kronecker product), so ``in_gram`` is used (1) to measure
+the relative output error ||(W - W')X||_F / ||W X||_F on the calibration data and (2) with
+``scale_inputs=True``, for its diagonal part only (activation-aware scaling as in ASVD):
+W S with S = diag(G_jj^(p/2)) is decomposed and TTLinear multiplies its input by 1/S first
+(``in_features`` extra parameters, an ONNX Mul). p = ``scale_power``, default 0.5: on inputs
+whose channel scales span three decades it gave the same output error as p = 1 (the full
+sqrt(G_jj)) while the weight-space error stayed ~1.3x instead of ~10x the weight's norm, i.e.
+less blow-up on channels the calibration data barely exercised.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+__all__ = ["TTFactors", "tt_shape", "tt_modes", "tt_full_ranks", "tt_params", "tt_flops", "tt_max_rank_for_params",
+           "tt_matrix", "tt_to_matrix"]
+
+
+@dataclass(frozen=True)
+class TTFactors:
+    """TT-matrix cores of a weight and quality figures.
+
+    cores: d tensors (r_{k-1}, o_k, i_k, r_k) in the weight's dtype; ranks: (1, r_1, ..., 1);
+    shape: the original (out, in); out_modes/in_modes may multiply to more than ``shape`` when the
+    weight was zero-padded (the extra rows are dropped, the extra inputs are zeros).
+    relative_error: ||W - W'||_F / ||W||_F of the cores as shipped (on the unpadded block).
+    svd_error: the relative error TT-SVD predicts from its discarded singular values (float64), of
+    the tensor it decomposed (the input-scaled weight when ``in_scale`` is set).
+    output_error: ||(W - W')X||_F / ||W X||_F on the calibration Gram, when one was given.
+    in_scale: per-input multiplier applied before the cores (``scale_inputs=True``), else None.
+    params: number of core entries (+ len(in_scale)); bias not included.
+    """
+
+    cores: list[torch.Tensor]
+    ranks: tuple[int, ...]
+    out_modes: tuple[int, ...]
+    in_modes: tuple[int, ...]
+    shape: tuple[int, int]
+    relative_error: float
+    svd_error: float
+    output_error: float | None = None
+    in_scale: torch.Tensor | None = None
+
+    @property
+    def params(self) -> int:
+        n = sum(int(c.numel()) for c in self.cores)
+        return n + (0 if self.in_scale is None else int(self.in_scale.numel()))
+
+    @property
+    def dense_params(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    @property
+    def ratio(self) -> float:
+        """params / dense params."""
+        return self.params / self.dense_params
+
+
+# --------------------------------------------------------------------------- mode shapes
+
+def _divisors(n: int) -> list[int]:
+    small, large = [], []
+    for k in range(1, math.isqrt(n) + 1):
+        if n % k == 0:
+            small.append(k)
+            if k != n // k:
+                large.append(n // k)
+    return small + large[::-1]
+
+
+def _splits(n: int, d: int, lo: int) -> list[tuple[int, ...]]:
+    """All non-decreasing tuples of d integers >= lo with product n."""
+    if d == 1:
+        return [(n,)] if n >= lo else []
+    out = []
+    for f in _divisors(n):
+        if f < lo:
+            continue
+        if f ** d > n:
+            break
+        out += [(f,) + rest for rest in _splits(n // f, d - 1, f)]
+    return out
+
+
+def _best_split(n: int, d: int) -> tuple[int, ...] | None:
+    """The most balanced split into d factors >= 2 (least variance of log-factors)."""
+    cands = _splits(n, d, 2)
+    if not cands:
+        return None
+    target = math.log(n) / d
+    return min(cands, key=lambda t: (sum((math.log(f) - target) ** 2 for f in t), t))
+
+
+def tt_shape(n: int, d: int = 3, *, pad: bool = False, max_imbalance: float = 4.0) -> tuple[int, ...]:
+    """Split a feature count into d balanced integer modes, ascending (384 -> (6, 8, 8),
+    1536 -> (8, 12, 16), 4096 -> (16, 16, 16)).
+
+    A split is accepted when every mode is >= 2 and largest / smallest <= ``max_imbalance``.
+    Prime or awkward sizes (997, 2 * 499, ...) raise ValueError unless ``pad=True``: then the
+    smallest n' >= n with an acceptable split is used, and the product of the returned modes is
+    n' > n. TTLinear handles such modes exactly: inputs are zero-padded to n' (the padded weight
+    columns only ever meet zeros) and padded outputs are sliced off, so the padded layer computes
+    exactly W'[:out, :in] x + b.
+    """
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"tt_shape: n={n!r} must be a positive int (a feature count)")
+    if not isinstance(d, int) or d < 2:
+        raise ValueError(f"tt_shape: d={d!r} must be an int >= 2 (number of TT cores); e.g. d=3")
+    if max_imbalance < 1:
+        raise ValueError(f"tt_shape: max_imbalance={max_imbalance!r} must be >= 1")
+    best = _best_split(n, d)
+    if best is not None and best[-1] / best[0] <= max_imbalance:
+        return best
+    if pad:
+        m = n + 1
+        while True:
+            cand = _best_split(m, d)
+            if cand is not None and cand[-1] / cand[0] <= max_imbalance:
+                return cand
+            m += 1
+    why = (f"{n} is prime" if n > 1 and _divisors(n) == [1, n] else
+           f"it has too few factors for {d} modes >= 2" if best is None else
+           f"its most balanced split {best} is too lopsided (ratio {best[-1] / best[0]:.1f} > "
+           f"max_imbalance {max_imbalance:g})")
+    nxt = tt_shape(n, d, pad=True, max_imbalance=max_imbalance)
+    raise ValueError(f"tt_shape: cannot split {n} features into {d} balanced integer modes: {why}; "
+                     f"pass explicit modes, use pad=True (pads to {math.prod(nxt)} = "
+                     f"{' x '.join(map(str, nxt))}), a different d, or leave this layer to low-rank SVD")
+
+
+def tt_modes(out_features: int, in_features: int, d: int = 3, *, pad: bool = False,
+             max_imbalance: float = 4.0) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(out_modes, in_modes) for a Linear: out ascending, in descending, so the core sizes
+    o_k * i_k are as even as possible (1536 x 384 -> (8, 12, 16), (8, 8, 6))."""
+    out_m = tt_shape(out_features, d, pad=pad, max_imbalance=max_imbalance)
+    in_m = tt_shape(in_features, d, pad=pad, max_imbalance=max_imbalance)
+    return out_m, tuple(sorted(in_m, reverse=True))
+
+
+def tt_full_ranks(out_modes: Sequence[int], in_modes: Sequence[int]) -> tuple[int, ...]:
+    """The TT-ranks (1, r_1, ..., 1) at which TT-SVD is exact: min of the unfolding sizes."""
+    n = [o * i for o, i in zip(out_modes, in_modes)]
+    return (1,) + tuple(min(math.prod(n[:k]), math.prod(n[k:])) for k in range(1, len(n))) + (1,)
+
+
+def tt_params(out_modes: Sequence[int], in_modes: Sequence[int], ranks: Sequence[int]) -> int:
+    """Number of core entries for full ranks (1, r_1, ..., 1)."""
+    return sum(ranks[k] * o * i * ranks[k + 1] for k, (o, i) in enumerate(zip(out_modes, in_modes)))
+
+
+def tt_flops(out_modes: Sequence[int], in_modes: Sequence[int], ranks: Sequence[int]) -> int:
+    """Multiply-adds per input row of TTLinear's left-to-right forward (dense: out * in)."""
+    d = len(out_modes)
+    return sum(math.prod(out_modes[:k]) * math.prod(in_modes[k + 1:]) * ranks[k] * in_modes[k]
+               * out_modes[k] * ranks[k + 1] for k in range(d))
+
+
+def _clip_ranks(out_modes: Sequence[int], in_modes: Sequence[int], ranks: Sequence[int]) -> tuple[int, ...]:
+    full = tt_full_ranks(out_modes, in_modes)
+    return tuple(min(r, f) for r, f in zip(ranks, full))
+
+
+def tt_max_rank_for_params(out_modes: Sequence[int], in_modes: Sequence[int], budget: int) -> int:
+    """Largest uniform max_rank whose (clipped) TT-ranks keep at most ``budget`` core entries
+    (0 when even rank 1 does not fit)."""
+    d = len(out_modes)
+    best, r = 0, 1
+    top = max(tt_full_ranks(out_modes, in_modes))
+    while r <= top:
+        ranks = _clip_ranks(out_modes, in_modes, (1,) + (r,) * (d - 1) + (1,))
+        if tt_params(out_modes, in_modes, ranks) > budget:
+            break
+        best, r = r, r + 1
+    return best
+
+
+# --------------------------------------------------------------------------- TT-SVD
+
+def _check_modes(weight: torch.Tensor, out_modes: Sequence[int], in_modes: Sequence[int]) -> None:
+    if weight.ndim != 2:
+        raise ValueError(f"tt_matrix: weight must be 2-D (out, in), got shape {tuple(weight.shape)}")
+    if len(out_modes) != len(in_modes) or len(out_modes) < 1:
+        raise ValueError(f"tt_matrix: out_modes {tuple(out_modes)} and in_modes {tuple(in_modes)} must have "
+                         "the same length >= 1 (one pair per core)")
+    if any(int(m) < 1 for m in (*out_modes, *in_modes)):
+        raise ValueError(f"tt_matrix: modes must be >= 1, got {tuple(out_modes)}, {tuple(in_modes)}")
+    m, n = weight.shape
+    po, pi = math.prod(out_modes), math.prod(in_modes)
+    if po < m or pi < n:
+        raise ValueError(f"tt_matrix: modes {tuple(out_modes)} x {tuple(in_modes)} hold {po} x {pi} but the "
+                         f"weight is {m} x {n}; use tt_modes({m}, {n}) or modes whose products are >= the "
+                         "shape (larger products zero-pad)")
+
+
+def _resolve_ranks(d: int, ranks: int | Sequence[int] | None, max_rank: int | None) -> list[int] | None:
+    if ranks is not None and max_rank is not None:
+        raise ValueError("tt_matrix: give ranks or max_rank, not both")
+    if max_rank is not None:
+        ranks = max_rank
+    if ranks is None:
+        return None
+    if isinstance(ranks, int):
+        inner = [ranks] * (d - 1)
+    else:
+        r = [int(v) for v in ranks]
+        if len(r) == d + 1:
+            if r[0] != 1 or r[-1] != 1:
+                raise ValueError(f"tt_matrix: boundary ranks must be 1, got {tuple(r)}")
+            inner = r[1:-1]
+        elif len(r) == d - 1:
+            inner = r
+        else:
+            raise ValueError(f"tt_matrix: ranks {tuple(r)} must have {d - 1} inner or {d + 1} entries "
+                             f"(with the boundary 1s) for {d} cores")
+    if any(v < 1 for v in inner):
+        raise ValueError(f"tt_matrix: ranks {tuple(inner)} must be >= 1")
+    return [1] + inner + [1]
+
+
+def _fix_signs(u: torch.Tensor, vt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Deterministic sign per component: the largest-magnitude entry of each column of u is > 0."""
+    idx = u.abs().argmax(dim=0)
+    sign = torch.sign(u[idx, torch.arange(u.shape[1])])
+    sign[sign == 0] = 1
+    return u * sign[None, :], vt * sign[:, None]
+
+
+def _tt_svd(t: torch.Tensor, dims: list[int], ranks: list[int] | None, tol: float | None
+            ) -> tuple[list[torch.Tensor], float]:
+    """TT-SVD of ``t`` (float64, numel = prod(dims)) -> 3-D cores (r_{k-1}, n_k, r_k), squared error."""
+    d = len(dims)
+    total = float((t * t).sum())
+    delta2 = (tol ** 2) * total / max(d - 1, 1) if tol is not None else 0.0
+    cores, err2, r_prev = [], 0.0, 1
+    c = t.reshape(-1)
+    for k in range(d - 1):
+        c = c.reshape(r_prev * dims[k], -1)
+        u, s, vt = torch.linalg.svd(c, full_matrices=False)
+        s2 = s * s
+        if ranks is not None:
+            r = min(ranks[k + 1], len(s))
+        else:  # smallest rank whose discarded energy is <= delta^2 (per step, Oseledets' bound)
+            tails = torch.flip(torch.cumsum(torch.flip(s2, [0]), 0), [0])  # tails[j] = sum_{i>=j} s2
+            ok = torch.nonzero(tails <= delta2)
+            r = max(int(ok[0]) if len(ok) else len(s), 1)
+        err2 += float(s2[r:].sum())
+        u, vt = _fix_signs(u[:, :r], vt[:r])
+        cores.append(u.reshape(r_prev, dims[k], r))
+        c = s[:r, None] * vt
+        r_prev = r
+    cores.append(c.reshape(r_prev, dims[-1], 1))
+    return cores, err2
+
+
+def _balance(cores: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Scalar gauge: rescale cores (product unchanged) so they all have the same Frobenius norm."""
+    norms = [float(c.norm()) for c in cores]
+    if min(norms) <= 0:
+        return cores
+    g = math.exp(sum(math.log(v) for v in norms) / len(norms))
+    return [c * (g / v) for c, v in zip(cores, norms)]
+
+
+def tt_to_matrix(cores: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Dense (prod o_k, prod i_k) matrix of TT-matrix cores (r_{k-1}, o_k, i_k, r_k)."""
+    d = len(cores)
+    res = cores[0]
+    for c in cores[1:]:
+        res = torch.tensordot(res, c, dims=([res.ndim - 1], [0]))
+    outs = [c.shape[1] for c in cores]
+    ins = [c.shape[2] for c in cores]
+    res = res.reshape([v for pair in zip(outs, ins) for v in pair])
+    res = res.permute(list(range(0, 2 * d, 2)) + list(range(1, 2 * d, 2)))
+    return res.reshape(math.prod(outs), math.prod(ins))
+
+
+def tt_matrix(
+    weight: torch.Tensor,
+    out_modes: Sequence[int],
+    in_modes: Sequence[int],
+    ranks: int | Sequence[int] | None = None,
+    *,
+    max_rank: int | None = None,
+    tol: float | None = None,
+    in_gram: torch.Tensor | None = None,
+    scale_inputs: bool = False,
+    scale_power: float = 0.5,
+) -> TTFactors:
+    """TT-matrix cores of ``weight`` (out x in) by TT-SVD in float64.
+
+    Ranks: ``ranks`` (int = same for every bond, or d-1 inner / d+1 full values) or ``max_rank``
+    (same meaning as an int), each clipped to the exact TT-ranks; or ``tol``, a relative
+    Frobenius error target (TT-SVD guarantees relative_error <= tol); nothing = exact (full
+    ranks). ``in_gram`` (in x in, X X^T of the layer inputs) adds ``output_error``; with
+    ``scale_inputs=True`` its diagonal also weights the decomposition by G_jj^(scale_power/2)
+    (see the module notes).
+    """
+    _check_modes(weight, out_modes, in_modes)
+    out_modes, in_modes = tuple(int(v) for v in out_modes), tuple(int(v) for v in in_modes)
+    d = len(out_modes)
+    r_spec = _resolve_ranks(d, ranks, max_rank)
+    if tol is not None:
+        if r_spec is not None:
+            raise ValueError("tt_matrix: give tol or ranks/max_rank, not both")
+        if not 0 <= tol < 1:
+            raise ValueError(f"tt_matrix: tol={tol!r} must be in [0, 1) (a relative Frobenius error)")
+    if scale_inputs and in_gram is None:
+        raise ValueError("tt_matrix: scale_inputs=True needs in_gram (the calibration Gram of the inputs)")
+    if not 0 < scale_power <= 1:
+        raise ValueError(f"tt_matrix: scale_power={scale_power!r} must be in (0, 1]; 0.5 is the usual choice")
+    if not bool(torch.isfinite(weight).all()):
+        raise ValueError("tt_matrix: weight has NaN or Inf entries; fix the checkpoint before factorizing")
+    m, n = weight.shape
+    w = weight.detach().to(torch.float64)
+    gram = None
+    if in_gram is not None:
+        if tuple(in_gram.shape) != (n, n):
+            raise ValueError(f"tt_matrix: in_gram has shape {tuple(in_gram.shape)}, expected ({n}, {n})")
+        gram = 0.5 * (in_gram + in_gram.T).to(device=w.device, dtype=torch.float64)
+
+    scale = None
+    target = w
+    if scale_inputs:
+        s = torch.diagonal(gram).clamp_min(0) ** (scale_power / 2)
+        s = s / s.max() if float(s.max()) > 0 else torch.ones_like(s)
+        s = s.clamp_min(1e-3)  # dead channels: keep their weights bounded
+        scale = s
+        target = w * s[None, :]
+
+    po, pi = math.prod(out_modes), math.prod(in_modes)
+    wp = torch.zeros(po, pi, dtype=torch.float64, device=w.device)
+    wp[:m, :n] = target
+    t = wp.reshape(*out_modes, *in_modes)
+    t = t.permute([p for k in range(d) for p in (k, d + k)])
+    dims = [o * i for o, i in zip(out_modes, in_modes)]
+    cores3, err2 = _tt_svd(t.contiguous(), dims, r_spec, tol)
+    total_t = float((wp * wp).sum())
+    cores = [c.reshape(c.shape[0], o, i, c.shape[2]) for c, o, i in zip(cores3, out_modes, in_modes)]
+    cores = _balance(cores)
+
+    dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
+    shipped = [c.to(dtype) for c in cores]
+    in_scale = None if scale is None else (1.0 / scale).to(dtype)
+    approx = tt_to_matrix([c.to(torch.float64) for c in shipped])[:m, :n]
+    if in_scale is not None:
+        approx = approx * in_scale.to(torch.float64)[None, :]
+    diff = w - approx
+    wn2 = float((w * w).sum())
+    rel = math.sqrt(float((diff * diff).sum()) / wn2) if wn2 > 0 else 0.0
+    svd_err = math.sqrt(err2 / total_t) if total_t > 0 else 0.0
+    out_err = None
+    if gram is not None:
+        base = float(((w @ gram) * w).sum())
+        out_err = math.sqrt(max(float(((diff @ gram) * diff).sum()), 0.0) / base) if base > 0 else 0.0
+    ranks_out = (1,) + tuple(c.shape[3] for c in shipped[:-1]) + (1,)
+    return TTFactors(cores=shipped, ranks=ranks_out, out_modes=out_modes, in_modes=in_modes,
+                     shape=(m, n), relative_error=rel, svd_error=svd_err, output_error=out_err,
+                     in_scale=in_scale)

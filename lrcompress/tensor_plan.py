@@ -1,0 +1,233 @@
+"""Tensor methods in the planner: Tucker-2 / CP for kxk Conv2d, tensor-train for Linear.
+
+These layers have no single spectrum, so a ``ratio`` budget gives each of them its uniform
+share (the largest ranks whose parameters fit ``ratio`` x dense), ``rank`` sets the rank (a
+(r_out, r_in) pair for Tucker, the CP rank, the largest TT bond), and ``energy`` is supported
+for Tucker only (per mode, from the mode spectra, whitened on the input mode when calibrated).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import CompressConfig, CPConfig, TTConfig, TuckerConfig
+from .errors import ConfigError
+from .methods import Metric, spectrum
+from .planning import is_kxk_conv
+
+
+def tensor_method(mod: nn.Module, config: CompressConfig) -> str | None:
+    """The tensor method that applies to ``mod`` under ``config`` (None: matrix methods)."""
+    if isinstance(config.method, (TuckerConfig, CPConfig)) and is_kxk_conv(mod):
+        return config.method.name
+    if isinstance(config.method, TTConfig) and isinstance(mod, nn.Linear):
+        return "tt"
+    return None
+
+
+def unsupported(mod: nn.Module, method: str) -> str | None:
+    """A one-line reason when ``mod`` cannot take ``method`` (kept dense), else None."""
+    if method in ("tucker", "cp"):
+        from .conv_layers import conv_unsupported
+        return conv_unsupported(mod, method)
+    return None
+
+
+def _tt_modes(mod: nn.Linear, config: TTConfig) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    from .methods.tt import tt_modes
+    if config.tt_shape is not None:
+        out_m, in_m = config.tt_shape
+        if math.prod(out_m) != mod.out_features or math.prod(in_m) != mod.in_features:
+            raise ConfigError(f"--tt-shape {'x'.join(map(str, out_m))}:{'x'.join(map(str, in_m))} has products "
+                              f"{math.prod(out_m)}:{math.prod(in_m)} but the layer is {mod.out_features}x"
+                              f"{mod.in_features} (out x in); give modes whose products match, or --targets "
+                              "only layers of that shape")
+        return out_m, in_m
+    try:
+        return tt_modes(mod.out_features, mod.in_features, config.modes)
+    except ValueError as e:
+        raise ConfigError(f"{e}".replace("tt_shape: ", "--method tt: ")) from None
+
+
+def _mode_spectrum(mat: torch.Tensor, gram: torch.Tensor | None) -> Any:
+    return spectrum(mat, Metric(gram=gram) if gram is not None else Metric())
+
+
+def _tucker_mode_spectra(weight: torch.Tensor, gram: torch.Tensor | None) -> tuple[Any, Any]:
+    """Spectra of the output-mode unfolding and of the (whitened when calibrated) input-mode one."""
+    w = weight.detach().double()
+    out_c, in_c = w.shape[:2]
+    s_out = _mode_spectrum(w.reshape(out_c, -1), None)
+    s_in = _mode_spectrum(w.permute(0, 2, 3, 1).reshape(-1, in_c), gram)
+    return s_out, s_in
+
+
+def _tucker_ranks_for_budget(s_out: Any, s_in: Any, shape: tuple[int, int, int, int],
+                             budget: float) -> tuple[int, int] | None:
+    """The (r_out, r_in) within ``budget`` params that minimises the sum of the two modes'
+    normalized truncation losses (the HOSVD error bound); None if nothing fits."""
+    from .methods.tucker import tucker_params
+    out_c, in_c, kh, kw = shape
+
+    def loss(spec: Any, r: int) -> float:
+        return spec.tail(r) / spec.total if spec.total > 0 else 0.0
+
+    best: tuple[float, int, int] | None = None
+    for r_out in range(1, out_c + 1):
+        lo, hi = 0, in_c  # largest r_in that fits with this r_out
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if tucker_params(out_c, in_c, kh, kw, r_out, mid, bias=False) <= budget:
+                lo = mid
+            else:
+                hi = mid - 1
+        if lo < 1:
+            break
+        cand = (loss(s_out, r_out) + loss(s_in, lo), r_out, lo)
+        if best is None or cand[0] < best[0] - 1e-15:
+            best = cand
+    return None if best is None else (best[1], best[2])
+
+
+def plan_layer(lp: Any, mod: nn.Module, method: str, config: CompressConfig, frac: float | None,
+               gram: torch.Tensor | None, preset: Any = False) -> None:
+    """Fill ``lp`` (a LayerPlan) for a tensor method: ranks, params after, or why dense.
+    ``preset``: Tucker ranks chosen by the global allocator (None = keep dense)."""
+    lp.method = method
+    reason = unsupported(mod, method)
+    if reason is not None:
+        lp.reason = reason
+        return
+    dense = lp.params_before
+    if method == "tucker":
+        from .methods.tucker import tucker_params
+        out_c, in_c, kh, kw = mod.weight.shape
+        if config.rank is not None:
+            r = config.rank
+            ranks = (min(r, out_c), min(r, in_c))
+        else:
+            s_out, s_in = _tucker_mode_spectra(mod.weight, gram)
+            if config.energy is not None:
+                ranks = (min(s_out.rank_for_energy(config.energy), out_c),
+                         min(s_in.rank_for_energy(config.energy), in_c))
+            else:
+                ranks = preset if preset is not False else _tucker_ranks_for_budget(
+                    s_out, s_in, (out_c, in_c, kh, kw), frac * dense)
+                if preset is None:
+                    lp.reason = "global Tucker allocation keeps this layer dense (cheapest loss per parameter)"
+                    return
+                if ranks is None:
+                    lp.reason = f"Tucker rank (1, 1) already needs more than {frac:.0%} of the layer: kept dense"
+                    return
+        after = tucker_params(out_c, in_c, kh, kw, ranks[0], ranks[1], bias=False)
+        lp.ranks, rank = list(ranks), max(ranks)
+    elif method == "cp":
+        from .methods.cp import cp_params
+        out_c, in_c, kh, kw = mod.weight.shape
+        if config.energy is not None:
+            raise ConfigError("--energy has no meaning for CP (no nested spectrum); use --rank or --ratio")
+        rank = config.rank if config.rank is not None else max(1, math.floor(frac * dense / (in_c + out_c + kh + kw)))
+        after = cp_params(out_c, in_c, kh, kw, rank, bias=False)
+        lp.ranks = [rank]
+    else:
+        from .methods.tt import tt_full_ranks, tt_max_rank_for_params, tt_params
+        if config.energy is not None:
+            raise ConfigError("--energy is not supported for --method tt; use --rank (largest TT bond) or --ratio")
+        out_m, in_m = _tt_modes(mod, config.method)
+        rank = config.rank if config.rank is not None else tt_max_rank_for_params(out_m, in_m, int(frac * dense))
+        if rank < 1:
+            lp.reason = f"TT rank 1 already needs more than {frac:.0%} of the layer: kept dense"
+            return
+        full = tt_full_ranks(out_m, in_m)
+        ranks = tuple(min(rank, f) for f in full)
+        after = tt_params(out_m, in_m, ranks)
+        lp.ranks = [list(out_m), list(in_m), list(ranks)]
+    if after >= dense:
+        lp.reason = f"{method} at this rank needs {after} >= {dense} params (break-even): kept dense"
+        return
+    lp.rank, lp.params_after = rank, after
+
+
+def factorize_layer(mod: nn.Module, lp: Any, config: CompressConfig,
+                    gram: torch.Tensor | None) -> tuple[nn.Module | None, str]:
+    """The factorized module for a planned tensor-method layer, or (None, reason) to keep it
+    dense (CP that did not reach a usable fit)."""
+    m = config.method
+    if lp.method == "tucker":
+        from .methods.tucker import tucker_module
+        new, _ = tucker_module(mod, tuple(lp.ranks), in_gram=gram, max_iter=m.max_iter)
+        return new, ""
+    if lp.method == "cp":
+        from .methods.cp import cp_module
+        new, f = cp_module(mod, lp.ranks[0], max_iter=m.max_iter, tol=m.tol, seed=config.seed, in_gram=gram,
+                           min_fit=m.min_fit)
+        if not f.usable:
+            return None, f"CP rank {lp.ranks[0]} not usable ({f.reason}): kept dense"
+        return new, f"CP fit {f.fit:.3f}" + ("" if f.converged else f" (stopped after {f.iterations} sweeps)")
+    from .methods.tt import tt_matrix
+    from .tt_layers import TTLinear
+    out_m, in_m, ranks = lp.ranks
+    f = tt_matrix(mod.weight.detach(), out_m, in_m, ranks)
+    return TTLinear.from_factors(f, None if mod.bias is None else mod.bias.detach()), ""
+
+
+def _hull(options: list[tuple[int, float, tuple[int, int] | None]]) -> list[tuple[int, float, tuple[int, int] | None]]:
+    """Lower convex hull of (params, loss) options, cheapest first."""
+    pts = sorted(options, key=lambda o: (o[0], o[1]))
+    front: list[tuple[int, float, tuple[int, int] | None]] = []
+    for p in pts:
+        if front and p[1] >= front[-1][1]:
+            continue  # dominated
+        while len(front) >= 2:
+            (x1, y1, _), (x2, y2, _) = front[-2], front[-1]
+            if (y2 - y1) * (p[0] - x1) >= (p[1] - y1) * (x2 - x1):  # front[-1] above the chord
+                front.pop()
+            else:
+                break
+        front.append(p)
+    return front
+
+
+def allocate_tucker(layers: list[tuple[Any, nn.Module]], grams: dict[str, torch.Tensor],
+                    budget: float) -> dict[str, tuple[int, int] | None]:
+    """Global Tucker ranks: spend ``budget`` params where the normalized mode-truncation loss
+    drops fastest per parameter (None = keep dense). A tiny layer (e.g. 1 input channel)
+    stays dense instead of being squeezed to a useless rank."""
+    from .methods.tucker import tucker_params
+    hulls: dict[str, list] = {}
+    for lp, mod in layers:
+        out_c, in_c, kh, kw = mod.weight.shape
+        s_out, s_in = _tucker_mode_spectra(mod.weight, grams.get(lp.name))
+        lo = [s_out.tail(r) / s_out.total if s_out.total > 0 else 0.0 for r in range(out_c + 1)]
+        li = [s_in.tail(r) / s_in.total if s_in.total > 0 else 0.0 for r in range(in_c + 1)]
+        opts: list = [(lp.params_before, 0.0, None)]
+        for ro in range(1, out_c + 1):
+            for ri in range(1, in_c + 1):
+                n = tucker_params(out_c, in_c, kh, kw, ro, ri, bias=False)
+                if n < lp.params_before:
+                    opts.append((n, lo[ro] + li[ri], (ro, ri)))
+        hulls[lp.name] = _hull(opts)
+    pos = {name: 0 for name in hulls}
+    spent = sum(h[0][0] for h in hulls.values())
+    if spent > budget:
+        raise ConfigError(f"the budget ({int(budget)} params) cannot hold even rank (1, 1) for every Tucker "
+                          f"layer ({spent} params); raise --ratio or narrow --targets")
+    while True:
+        best, best_gain = None, 0.0
+        for name, h in hulls.items():
+            i = pos[name]
+            if i + 1 < len(h):
+                dp = h[i + 1][0] - h[i][0]
+                gain = (h[i][1] - h[i + 1][1]) / max(dp, 1)
+                if spent + dp <= budget and gain > best_gain:
+                    best, best_gain = name, gain
+        if best is None:
+            break
+        i = pos[best]
+        spent += hulls[best][i + 1][0] - hulls[best][i][0]
+        pos[best] = i + 1
+    return {name: h[pos[name]][2] for name, h in hulls.items()}

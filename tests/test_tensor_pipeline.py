@@ -1,0 +1,133 @@
+"""Tucker-2 / CP / TT through the planner, apply, report, save/load and the CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import lrcompress as lc
+from lrcompress.conv_layers import CPConv2d, TuckerConv2d
+from lrcompress.tt_layers import TTLinear
+from tests.conftest import ROOT
+
+
+def _zoo_data(n: int = 48) -> lc.TensorData:
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(n, 3, 12, 12, generator=g)
+    return lc.TensorData({"": x.numpy()})
+
+
+@pytest.mark.parametrize("method", ["tucker", "cp"])
+def test_conv_methods_keep_hyper_parameters_and_reload_exactly(tmp_path, method):
+    loaded = lc.resolve("tests.models:conv_zoo")
+    model = loaded.model
+    x = torch.from_numpy(_zoo_data().arrays[""][:5])
+    with torch.no_grad():
+        before = model(x)
+    rep = lc.compress_(model, lc.CompressConfig(method=lc.method_config(method), ratio=0.6,
+                                                allocate="uniform"), _zoo_data())
+    by = {l.name: l for l in rep.layers}
+    cls = TuckerConv2d if method == "tucker" else CPConv2d
+    assert by["g"].rank is None and "groups" in by["g"].reason  # grouped conv refused, kept dense
+    assert isinstance(model.g, torch.nn.Conv2d)
+    for name in ("a", "b"):
+        if by[name].rank is None:
+            assert by[name].reason  # a CP that did not fit says why
+            continue
+        mod = model.get_submodule(name)
+        assert isinstance(mod, cls)
+        assert by[name].error_metric == "output" and 0 <= by[name].relative_error < 1
+    if by["a"].rank is not None:
+        assert model.a.stride == (1, 2) and model.a.padding == (1, 2)
+    if by["b"].rank is not None:
+        assert model.b.dilation == (2, 2) and model.b.bias is None
+    with torch.no_grad():
+        after = model(x)
+    assert after.shape == before.shape
+    out = lc.save(model, tmp_path / method, loaded.spec)
+    again, _ = lc.load(out)
+    with torch.no_grad():
+        assert torch.equal(again(x), after)
+
+
+def test_tucker_past_break_even_stays_dense_and_full_rank_module_is_exact():
+    from lrcompress.methods.tucker import tucker_module
+    model = lc.resolve("tests.models:conv_zoo").model
+    rep = lc.compress_(model, lc.CompressConfig(method=lc.method_config("tucker"), rank=16, targets=("a",)),
+                       _zoo_data())
+    assert rep.layers[0].rank is None and "break-even" in rep.layers[0].reason
+    x = torch.from_numpy(_zoo_data().arrays[""][:4])
+    full, _ = tucker_module(model.a, (16, 3))
+    with torch.no_grad():
+        assert torch.allclose(full(x), model.a(x), rtol=1e-4, atol=1e-5)
+
+
+def test_reflect_padding_is_kept_by_tucker():
+    model = lc.resolve("tests.models:conv_zoo").model
+    rep = lc.compress_(model, lc.CompressConfig(method=lc.method_config("tucker"), rank=12, targets=("c",)),
+                       _zoo_data())
+    assert rep.layers[0].rank == 12
+    assert model.c.core.padding_mode == "reflect"
+
+
+def test_tt_linear_through_the_pipeline(tmp_path):
+    loaded = lc.resolve("tests.models:conv_zoo")
+    model = loaded.model
+    rep = lc.compress_(model, lc.CompressConfig(method=lc.method_config("tt", modes=2), rank=4,
+                                                targets=("fc", "out")), _zoo_data())
+    assert all(isinstance(model.get_submodule(n), TTLinear) for n in ("fc", "out"))
+    for lay in rep.layers:
+        assert lay.method == "tt" and lay.params_after < lay.params_before
+    assert rep.params_after == sum(p.numel() for p in model.parameters())
+    out = lc.save(model, tmp_path / "tt", loaded.spec)
+    again, _ = lc.load(out)
+    x = torch.from_numpy(_zoo_data().arrays[""][:3])
+    with torch.no_grad():
+        assert torch.equal(again(x), model(x))
+
+
+def test_tt_shape_must_match_the_layer():
+    model = lc.resolve("tests.models:conv_zoo").model
+    cfg = lc.CompressConfig(method=lc.method_config("tt", tt_shape=((4, 4), (4, 4))), rank=2, targets=("fc",))
+    with pytest.raises(lc.LrcompressError, match="--tt-shape"):
+        lc.compress_(model, cfg, _zoo_data())
+
+
+def test_tucker_global_allocation_keeps_digits_accuracy():
+    sklearn = pytest.importorskip("sklearn")  # noqa: F841
+    sys.path.insert(0, str(ROOT / "samples"))
+    import digits_cnn
+    data = digits_cnn.load_data()
+    model = digits_cnn.train(epochs=6, data=data)
+    x_tr, _, x_te, y_te = (torch.as_tensor(a) for a in data)
+    dense_acc = digits_cnn.accuracy(model, x_te, y_te)
+    calib = lc.TensorData({"": x_tr[:256].numpy()})
+    small, rep = lc.compress(model, lc.CompressConfig(method=lc.method_config("tucker"), ratio=0.5,
+                                                      targets=("features",)), calib)
+    conv = [l for l in rep.layers if l.kind == "conv"]
+    before = sum(l.params_before for l in conv)
+    after = sum(l.params_after for l in conv)
+    assert after <= 0.5 * before + 1
+    assert digits_cnn.accuracy(small, x_te, y_te) >= dense_acc - 0.02
+
+
+def test_cli_cp_on_saved_checkpoint(tmp_path):
+    model = lc.resolve("tests.models:conv_zoo").model
+    from safetensors.torch import save_file
+    save_file(model.state_dict(), str(tmp_path / "w.safetensors"))
+    np.save(tmp_path / "x.npy", _zoo_data().arrays[""])
+    r = subprocess.run([sys.executable, "-m", "lrcompress", "compress", "tests.models:conv_zoo", "--weights",
+                        str(tmp_path / "w.safetensors"), "--calib", str(tmp_path / "x.npy"), "--method", "cp",
+                        "--rank", "12", "-o", str(tmp_path / "o"), "--json"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(r.stdout)
+    kinds = {l["name"]: (l["method"], l["rank"]) for l in rep["layers"]}
+    assert kinds["g"] == ("dense", None)
+    manifest = json.loads((tmp_path / "o" / "lrcompress.json").read_text())
+    assert all(v["kind"] == "cp" for v in manifest["layers"].values())
