@@ -54,12 +54,16 @@ def apply_plan(model: nn.Module, plan: Plan,
     results: list[LayerResult] = []
     tensor = [lp for lp in plan.layers if lp.rank is not None and lp.method in TENSOR_METHODS]
     inputs = capture_inputs(model, plan.probe, [lp.name for lp in tensor]) if tensor else {}
+    done: dict[str, tuple[dict[str, float], float]] = {}
     for lp in plan.layers:
         if lp.rank is None:
             results.append(LayerResult(lp.name, lp.kind, lp.shape, "dense", None, lp.params_before,
                                        lp.params_after, 0.0, 0.0, 1.0, "-", lp.reason))
             continue
         mod = model.get_submodule(lp.name)
+        if lp.method == "shared-svd":
+            results.append(_apply_shared(model, lp, plan, done))
+            continue
         if lp.method in TENSOR_METHODS:
             results.append(_apply_tensor(model, lp, mod, plan, inputs.get(lp.name, [])))
             if progress is not None:
@@ -140,3 +144,21 @@ def _apply_tensor(model: nn.Module, lp: LayerPlan, mod: nn.Module, plan: Plan,
     return LayerResult(lp.name, lp.kind, lp.shape, lp.method, lp.rank, lp.params_before, lp.params_after,
                        err, math.nan, math.nan, metric, "; ".join(x for x in (lp.reason, note) if x),
                        lp.ranks)
+
+
+def _apply_shared(model: nn.Module, lp: LayerPlan, plan: Plan,
+                  done: dict[str, tuple[dict[str, float], float]]) -> LayerResult:
+    """Build a shared-basis group on its first member, then report each member."""
+    from .shared import build_group
+    gid = lp.ranks[0]
+    if gid not in done:
+        group = plan.groups[gid]
+        modules = {n: model.get_submodule(n) for n in group.names}
+        new, errs, ratio = build_group(group, modules, [plan.metrics[n] for n in group.names])
+        for n, m in new.items():
+            m.train(modules[n].training)
+            set_module(model, n, m)
+        done[gid] = (errs, ratio)
+    errs, ratio = done[gid]
+    return LayerResult(lp.name, lp.kind, lp.shape, "shared-svd", lp.rank, lp.params_before, lp.params_after,
+                       errs[lp.name], math.nan, ratio, "output", lp.reason, lp.ranks)

@@ -54,7 +54,13 @@ def _missing_parents(p: Path) -> list[Path]:
 def factorized_layers(model: nn.Module) -> dict[str, dict[str, Any]]:
     """Shapes and ranks of the factorized modules, enough to rebuild their shells."""
     out: dict[str, dict[str, Any]] = {}
-    for name, mod in model.named_modules():
+    bases: dict[int, str] = {}
+    for name, mod in model.named_modules(remove_duplicate=False):
+        if type(mod).__name__ == "SharedBasisLinear":
+            from .shared import shared_info
+            gid = bases.setdefault(id(mod.basis), f"g{len(bases)}")
+            out[name] = shared_info(mod, gid)
+            continue
         if isinstance(mod, LowRankLinear):
             out[name] = {"kind": "linear", "shape": [mod.out_features, mod.in_features],
                          "rank": mod.rank, "bias": mod.second.bias is not None,
@@ -156,11 +162,15 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
     return manifest
 
 
-def _shell(info: dict[str, Any]) -> nn.Module:
-    """An uninitialised factorized module from its manifest entry."""
+def _shell(info: dict[str, Any], bases: dict[str, nn.Module]) -> nn.Module:
+    """An uninitialised factorized module from its manifest entry (``bases``: shared bases
+    by group id, filled as the group's members are rebuilt)."""
     kind = info.get("kind")
     dtype = getattr(torch, info.get("dtype", "float32"))
     try:
+        if kind == "shared_linear":
+            from .shared import build_shared_shell
+            return build_shared_shell(info, bases)
         if kind in ("tucker", "cp"):
             from .conv_layers import build_conv_shell
             return build_conv_shell(kind, info, dtype=dtype)
@@ -194,8 +204,9 @@ def load(folder: str | Path, *, trust_pickle: bool = False, with_manifest: bool 
             raise CheckpointError(f"{str(p)!r} has no {WEIGHTS}; the checkpoint is incomplete: re-run compress")
         check_safetensors(weights)
         model = build_architecture(spec, p)
+        bases: dict[str, nn.Module] = {}
         for name, info in manifest.get("layers", {}).items():
-            shell = _shell(info)
+            shell = _shell(info, bases)
             parent_name, _, attr = name.rpartition(".")
             try:
                 parent = model.get_submodule(parent_name) if parent_name else model

@@ -82,13 +82,16 @@ def cli() -> None:
 @click.option("-o", "--output", "output", type=str, default=None, help="Output folder (required unless --dry-run).")
 @_apply(source_options + calib_options)
 @click.option("--method", type=str, default=None,
-              help="svd | svd-whiten | tucker | cp (kxk Conv2d) | tt (Linear); default: svd-whiten with --calib, else svd.")
+              help="svd | svd-whiten | tucker | cp (kxk Conv2d) | tt (Linear) | shared-svd; default: svd-whiten "
+                   "with --calib, else svd.")
 @click.option("--rank", type=str, default=None, help="Exact rank for every target layer.")
 @click.option("--ratio", type=str, default=None, help="Fraction of parameters to keep, in (0, 1].")
 @click.option("--energy", type=str, default=None, help="Fraction of (whitened) spectral energy to keep per layer.")
 @click.option("--allocate", type=str, default="global", show_default=True, help="uniform | global (with --ratio).")
 @click.option("--scope", type=str, default="targets", show_default=True,
               help="--ratio counts the targeted layers' params (targets) or the whole model's (model).")
+@click.option("--share-group", type=int, default=None,
+              help="--method shared-svd: layers of one role in K consecutive blocks share a basis (default 2).")
 @click.option("--tt-shape", type=str, default=None,
               help="--method tt: explicit modes OUT:IN, e.g. 8x12x16:8x8x6 (default: balanced, automatic).")
 @click.option("--probe-passes", type=int, default=2, show_default=True,
@@ -103,7 +106,7 @@ def cli() -> None:
 def compress(source: str, output: str | None, weights: str | None, trust_pickle: bool, calib: str | None,
              max_length: int, calib_samples: int | None, batch_size: int, targets: tuple, exclude: tuple,
              method: str | None, rank: str | None, ratio: str | None, energy: str | None, allocate: str,
-             scope: str, tt_shape: str | None, probe_passes: int, solver: str, seed: int, device: str, dry_run: bool, overwrite: bool,
+             scope: str, share_group: int | None, tt_shape: str | None, probe_passes: int, solver: str, seed: int, device: str, dry_run: bool, overwrite: bool,
              as_json: bool, quiet: bool) -> None:
     """Factorize SOURCE's Linear/Embedding layers and write a compressed checkpoint."""
     import torch
@@ -121,6 +124,11 @@ def compress(source: str, output: str | None, weights: str | None, trust_pickle:
         if method != "tt":
             raise ConfigError(f"--tt-shape is only for --method tt (got --method {method}); drop it or use --method tt")
         extra["tt_shape"] = _parse_tt_shape(tt_shape)
+    if share_group is not None:
+        if method != "shared-svd":
+            raise ConfigError(f"--share-group is only for --method shared-svd (got --method {method}); drop it "
+                              "or use --method shared-svd")
+        extra["share_group"] = share_group
     config = CompressConfig(
         method=method_config(method, solver=solver, **extra), rank=_parse_number("--rank", rank, int),
         ratio=_parse_number("--ratio", ratio, float), energy=_parse_number("--energy", energy, float),

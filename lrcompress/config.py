@@ -8,7 +8,7 @@ from typing import Any
 
 from .errors import ConfigError
 
-METHODS = ("svd", "svd-whiten", "tucker", "cp", "tt")
+METHODS = ("svd", "svd-whiten", "tucker", "cp", "tt", "shared-svd")
 TENSOR_METHODS = ("tucker", "cp", "tt")
 ALLOCATIONS = ("uniform", "global")
 SCOPES = ("targets", "model")
@@ -118,9 +118,23 @@ class TTConfig(WhitenedSVDConfig):
             object.__setattr__(self, "tt_shape", shape)
 
 
+@dataclass(frozen=True)
+class SharedBasisConfig(WhitenedSVDConfig):
+    """Cross-layer shared bases: Linear layers of the same role in ``share_group`` consecutive
+    blocks share one whitened output basis; each keeps its own coefficients."""
+
+    share_group: int = 2
+    name: str = field(default="shared-svd", init=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.share_group, bool) or not isinstance(self.share_group, int) or self.share_group < 2:
+            raise ConfigError(f"--share-group {self.share_group!r} must be an integer >= 2; e.g. --share-group 2")
+
+
 MethodConfig = SVDConfig
 _CONFIGS = {"svd": SVDConfig, "svd-whiten": WhitenedSVDConfig, "tucker": TuckerConfig, "cp": CPConfig,
-            "tt": TTConfig}
+            "tt": TTConfig, "shared-svd": SharedBasisConfig}
 
 
 def method_config(name: str, **kwargs: Any) -> SVDConfig:

@@ -62,6 +62,7 @@ class Plan:
     eval_spectra: dict[str, Spectrum] = field(default_factory=dict, repr=False)
     eval_metrics: dict[str, Metric] = field(default_factory=dict, repr=False)
     grams: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    groups: dict[str, Any] = field(default_factory=dict, repr=False)
     probe: list = field(default_factory=list, repr=False)
 
     def table(self) -> str:
@@ -125,8 +126,9 @@ def factorizable(model: nn.Module) -> dict[str, nn.Module]:
 
 def _factorized_types() -> tuple[type, ...]:
     from .conv_layers import CPConv2d, TuckerConv2d
+    from .shared import SharedBasisLinear
     from .tt_layers import TTLinear
-    return (LowRankLinear, LowRankEmbedding, LowRankConv1x1, TuckerConv2d, CPConv2d, TTLinear)
+    return (LowRankLinear, LowRankEmbedding, LowRankConv1x1, TuckerConv2d, CPConv2d, TTLinear, SharedBasisLinear)
 
 
 def is_kxk_conv(mod: nn.Module) -> bool:
@@ -302,10 +304,20 @@ def make_plan(model: nn.Module, config: CompressConfig, calib: Calibration | Non
             progress(name)
     active = [l for l in layers.values() if l.name in plan.spectra]
     budget = None
+    shared: list[LayerPlan] = []
+    if config.method.name == "shared-svd":
+        shared = _plan_shared(plan, active, modules, config, params_model, tensor_layers)
+        active = [l for l in active if l not in shared]
+        if config.ratio is not None:
+            budget, _ = _budget(active + shared + [t[0] for t in tensor_layers], config, params_model)
+            budget -= sum(l.params_after for l in shared)
     if tensor_layers:
         frac = None
         if config.ratio is not None:
-            budget, frac = _budget(active + [t[0] for t in tensor_layers], config, params_model)
+            if budget is None:
+                budget, frac = _budget(active + [t[0] for t in tensor_layers], config, params_model)
+            else:
+                frac = budget / max(sum(l.params_before for l in active + [t[0] for t in tensor_layers]), 1)
         presets: dict[str, Any] = {}
         tucker = [(lp, mod) for lp, mod, t in tensor_layers if t == "tucker" and unsupported(mod, t) is None]
         if tucker and config.ratio is not None and config.allocate == "global":
@@ -348,6 +360,36 @@ def make_plan(model: nn.Module, config: CompressConfig, calib: Calibration | Non
         lp.predicted_error = plan.spectra[lp.name].relative_error(r)
     plan.layers = list(layers.values())
     return plan
+
+
+def _plan_shared(plan: Plan, active: list[LayerPlan], modules: dict[str, nn.Module], config: CompressConfig,
+                 params_model: int, tensor_layers: list) -> list[LayerPlan]:
+    """Group same-role layers of K consecutive blocks; plan each group's shared rank."""
+    from .shared import group_rank, group_spectrum, role_groups
+    calibrated = [l.name for l in active if l.kind == "linear"]  # identity metric when uncalibrated
+    groups = role_groups(calibrated, modules, config.method.share_group)
+    by_name = {l.name: l for l in active}
+    frac = None
+    if config.ratio is not None:
+        _, frac = _budget(active + [t[0] for t in tensor_layers], config, params_model)
+    out = []
+    for g in groups:
+        lps = [by_name[n] for n in g.names]
+        g.spectrum = group_spectrum([layer_matrix(modules[n]) for n in g.names], [plan.metrics[n] for n in g.names])
+        g.rank = group_rank(g, [lp.shape for lp in lps], config, frac)
+        for i, lp in enumerate(lps):
+            lp.method = "shared-svd"
+            if g.rank is None:
+                lp.reason = f"sharing a basis across {g.gid} saves nothing at this budget: kept dense"
+                continue
+            m, n = lp.shape
+            lp.rank, lp.ranks = g.rank, [g.gid]
+            lp.params_after = g.rank * n + (m * g.rank if i == 0 else 0)
+            lp.predicted_error = g.spectrum.relative_error(g.rank)
+            lp.reason = f"basis shared by {len(lps)} layers ({g.gid})" + ("; basis counted here" if i == 0 else "")
+        plan.groups[g.gid] = g
+        out.extend(lps)
+    return out
 
 
 def _sensitivities(model: nn.Module, plan: Plan, layers: list[LayerPlan], ranks: dict[str, int],

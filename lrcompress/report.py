@@ -65,7 +65,7 @@ class CompressionReport:
             else:
                 opt = "-" if math.isnan(l.optimal_error) else f"{l.optimal_error:8.4f}"
                 ratio = "-" if math.isnan(l.error_ratio) else f"{l.error_ratio:6.3f}"
-                rank = l.rank if not l.ranks or l.method == "tt" else "/".join(map(str, l.ranks))
+                rank = "/".join(map(str, l.ranks)) if l.method == "tucker" and l.ranks else l.rank
                 lines.append(f"{l.name[-44:]:44} {shape:>12} {l.method:>10} {str(rank):>5} {params:>17} "
                              f"{l.relative_error:8.4f} {opt:>8} {ratio:>6}"
                              + ("" if l.error_metric == "output" else " (weight)")

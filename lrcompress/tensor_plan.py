@@ -108,6 +108,9 @@ def plan_layer(lp: Any, mod: nn.Module, method: str, config: CompressConfig, fra
         out_c, in_c, kh, kw = mod.weight.shape
         if config.rank is not None:
             r = config.rank
+            if r > max(out_c, in_c):
+                raise ConfigError(f"--rank {r} exceeds both channel counts of conv {lp.name!r} (out {out_c}, in "
+                                  f"{in_c}); use --rank <= {max(out_c, in_c)} (each mode is capped at its channels)")
             ranks = (min(r, out_c), min(r, in_c))
         else:
             s_out, s_in = _tucker_mode_spectra(mod.weight, gram)

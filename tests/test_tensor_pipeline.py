@@ -131,3 +131,51 @@ def test_cli_cp_on_saved_checkpoint(tmp_path):
     assert kinds["g"] == ("dense", None)
     manifest = json.loads((tmp_path / "o" / "lrcompress.json").read_text())
     assert all(v["kind"] == "cp" for v in manifest["layers"].values())
+
+
+def _stack_data() -> lc.TensorData:
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(200, 4, generator=g) @ torch.randn(4, 16, generator=g) + 0.1 * torch.randn(200, 16, generator=g)
+    return lc.TensorData({"": x.numpy()})
+
+
+def test_shared_basis_is_group_optimal_stored_once_and_reloads(tmp_path):
+    from lrcompress.shared import SharedBasisLinear
+    loaded = lc.resolve("tests.models:stack")
+    model = loaded.model
+    cfg = lc.CompressConfig(method=lc.method_config("shared-svd", share_group=2), rank=6,
+                            targets=("re:blocks\\.\\d+\\.(up|down)",))
+    rep = lc.compress_(model, cfg, _stack_data())
+    b = model.blocks
+    assert isinstance(b[0].up, SharedBasisLinear) and b[0].up.basis is b[1].up.basis
+    assert b[0].up.basis is not b[2].up.basis  # groups of 2 consecutive blocks
+    for lay in rep.layers:
+        assert lay.method == "shared-svd" and lay.error_ratio == pytest.approx(1.0, abs=1e-6)
+    # the basis is counted once per group
+    assert rep.params_after == sum(p.numel() for p in model.parameters())
+    expected = sum(6 * l.shape[1] for l in rep.layers) + 4 * 6 * 32 // 2 + 4 * 6 * 16 // 2
+    assert sum(l.params_after for l in rep.layers) == expected
+    # the group error is the tail of the joint whitened spectrum (checked independently)
+    stats = lc.pipeline.gather(lc.resolve("tests.models:stack").model, cfg, _stack_data())
+    orig = lc.resolve("tests.models:stack").model
+    ws = [orig.blocks[i].up.weight.double() for i in (0, 1)]
+    gs = [stats.layers[f"blocks.{i}.up"].gram for i in (0, 1)]
+    c = sum(w @ g @ w.T for w, g in zip(ws, gs))
+    lam = torch.linalg.eigvalsh(c).flip(0).clamp_min(0)
+    err2 = sum(float(((w - b[i].up.dense_weight().double()) @ g * (w - b[i].up.dense_weight().double())).sum().detach())
+               for i, (w, g) in enumerate(zip(ws, gs)))
+    assert err2 == pytest.approx(float(lam[6:].sum()), rel=1e-4)
+    out = lc.save(model, tmp_path / "sh", loaded.spec)
+    again, _ = lc.load(out)
+    assert again.blocks[0].down.basis is again.blocks[1].down.basis
+    x = torch.from_numpy(_stack_data().arrays[""][:4])
+    with torch.no_grad():
+        assert torch.equal(again(x), model(x))
+    assert sum(p.numel() for p in again.parameters()) == rep.params_after
+
+
+@pytest.mark.parametrize("k,msg", [(5, "exceeds the 4 blocks"), (1, "must be an integer >= 2")])
+def test_share_group_out_of_range(k, msg):
+    with pytest.raises(lc.LrcompressError, match=msg):
+        cfg = lc.CompressConfig(method=lc.method_config("shared-svd", share_group=k), rank=4)
+        lc.compress_(lc.resolve("tests.models:stack").model, cfg, _stack_data())
