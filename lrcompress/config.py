@@ -8,7 +8,7 @@ from typing import Any
 
 from .errors import ConfigError
 
-METHODS = ("svd", "svd-whiten", "tucker", "cp", "tt", "shared-svd")
+METHODS = ("svd", "svd-whiten", "tucker", "cp", "tt", "shared-svd", "auto")
 TENSOR_METHODS = ("tucker", "cp", "tt")
 ALLOCATIONS = ("uniform", "global")
 SCOPES = ("targets", "model")
@@ -132,9 +132,19 @@ class SharedBasisConfig(WhitenedSVDConfig):
             raise ConfigError(f"--share-group {self.share_group!r} must be an integer >= 2; e.g. --share-group 2")
 
 
+@dataclass(frozen=True)
+class AutoConfig(WhitenedSVDConfig):
+    """Per layer, the method with the lowest predicted output error at the layer's share of a
+    ``ratio`` budget: Tucker-2 vs CP for kxk convs, whitened SVD vs tensor-train for Linear
+    (TT only when ``try_tt``), whitened SVD for the rest. Sub-methods use their defaults."""
+
+    try_tt: bool = True
+    name: str = field(default="auto", init=False)
+
+
 MethodConfig = SVDConfig
 _CONFIGS = {"svd": SVDConfig, "svd-whiten": WhitenedSVDConfig, "tucker": TuckerConfig, "cp": CPConfig,
-            "tt": TTConfig, "shared-svd": SharedBasisConfig}
+            "tt": TTConfig, "shared-svd": SharedBasisConfig, "auto": AutoConfig}
 
 
 def method_config(name: str, **kwargs: Any) -> SVDConfig:

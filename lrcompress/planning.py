@@ -156,6 +156,8 @@ def _default_kinds(method: str) -> tuple[str, ...]:
         return ("conv", "conv1x1")
     if method == "tt":
         return ("linear",)
+    if method == "auto":
+        return ("linear", "embedding", "conv1x1", "conv")
     return ("linear", "embedding", "conv1x1")
 
 
@@ -241,7 +243,7 @@ def _metric(mod: nn.Module, name: str, calib: Calibration | None, smoothing: flo
 def make_plan(model: nn.Module, config: CompressConfig, calib: Calibration | None = None,
               progress: Callable[[str], None] | None = None) -> Plan:
     """Decide ranks for every target layer. Touches no weight."""
-    from .tensor_plan import allocate_tucker, plan_layer, tensor_method, unsupported
+    from .tensor_plan import allocate_tucker, auto_choice, plan_layer, tensor_method, unsupported
     check_finite(model)
     names = select_targets(model, config.targets, config.exclude, config.method.name)
     modules = dict(model.named_modules())
@@ -252,6 +254,14 @@ def make_plan(model: nn.Module, config: CompressConfig, calib: Calibration | Non
     layers: dict[str, LayerPlan] = {}
     plan = Plan([], params_model, config, probe=list(calib.probe) if calib is not None else [])
     tensor_layers: list[tuple[LayerPlan, nn.Module, str]] = []
+    auto = config.method.name == "auto"
+    if auto and config.ratio is None:
+        raise ConfigError("--method auto compares methods at equal parameter budgets; give --ratio (not --rank "
+                          "or --energy)")
+    frac0 = None
+    if config.ratio is not None:
+        total = sum(modules[n].weight.numel() for n in names)
+        frac0 = config.ratio if config.scope == "targets" else (config.ratio * params_model - (params_model - total)) / total
     for name in names:
         mod = modules[name]
         w = layer_matrix(mod)
@@ -259,15 +269,24 @@ def make_plan(model: nn.Module, config: CompressConfig, calib: Calibration | Non
         kind = layer_kind(mod)
         shape = tuple(mod.weight.shape) if kind == "conv" else tuple(mod.weight.shape[:2])
         be = break_even_rank(m, n)
-        tmethod = tensor_method(mod, config)
+        tmethod, why = tensor_method(mod, config), ""
+        if auto and frac0 is not None and frac0 > 0 and name not in tied:
+            gram = calib.layers[name].gram if calib is not None and name in calib else None
+            werr = None
+            if isinstance(mod, nn.Linear):
+                met = _metric(mod, name, calib, smoothing)
+                spec = whitened_spectrum(w, met if met is not None else Metric(), config.method, None)
+                werr = spec.relative_error(max(1, math.floor(frac0 * m * n / (m + n))))
+            tmethod, why = auto_choice(mod, config, frac0, gram, werr)
         if tmethod is not None or kind == "conv":
             lp = LayerPlan(name, kind, shape, tmethod or config.method.name, None, m * n, m * n, 0.0, be)
             layers[name] = lp
             if tmethod is None:
-                lp.reason = "kxk conv: only --method tucker or cp factorize it"
+                lp.reason = why or "kxk conv: only --method tucker or cp factorize it"
             elif name in tied:
                 lp.reason = f"weight tied with {tied[name]}: kept dense"
             else:
+                lp.reason = why
                 tensor_layers.append((lp, mod, tmethod))
                 if calib is not None and name in calib:
                     plan.grams[name] = calib.layers[name].gram
@@ -275,7 +294,7 @@ def make_plan(model: nn.Module, config: CompressConfig, calib: Calibration | Non
         if config.rank is not None and config.rank > min(m, n):
             raise ConfigError(f"--rank {config.rank} exceeds min(m, n) = {min(m, n)} of layer {name!r} "
                               f"{shape}; use --rank <= {min(m, n)} or --exclude {name}")
-        lp = LayerPlan(name, kind, shape, config.method.name, None, m * n, m * n, 0.0, be)
+        lp = LayerPlan(name, kind, shape, config.method.name, None, m * n, m * n, 0.0, be, why)
         layers[name] = lp
         if name in tied:
             lp.reason = f"weight tied with {tied[name]}: kept dense"
@@ -352,8 +371,9 @@ def make_plan(model: nn.Module, config: CompressConfig, calib: Calibration | Non
         m, n = layer_matrix(modules[lp.name]).shape
         if r is None or r >= lp.break_even:
             lp.rank = None
-            lp.reason = lp.reason or (f"rank {r} >= break-even {lp.break_even}: kept dense"
-                                      if r is not None else "denser than break-even: kept dense")
+            dense = (f"rank {r} >= break-even {lp.break_even}: kept dense" if r is not None
+                     else "denser than break-even: kept dense")
+            lp.reason = f"{lp.reason}; {dense}" if lp.reason.startswith("auto:") else (lp.reason or dense)
             continue
         lp.rank = r
         lp.params_after = r * (m + n)

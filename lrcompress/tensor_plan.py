@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import CompressConfig, CPConfig, TTConfig, TuckerConfig
+from .config import AutoConfig, CompressConfig, CPConfig, TTConfig, TuckerConfig, method_config
 from .errors import ConfigError
 from .methods import Metric, spectrum
 from .planning import is_kxk_conv
@@ -27,6 +27,62 @@ def tensor_method(mod: nn.Module, config: CompressConfig) -> str | None:
     if isinstance(config.method, TTConfig) and isinstance(mod, nn.Linear):
         return "tt"
     return None
+
+
+def sub_config(config: CompressConfig, method: str) -> Any:
+    """The method config a layer uses: the configured one, or defaults under --method auto."""
+    return method_config(method) if isinstance(config.method, AutoConfig) else config.method
+
+
+def auto_choice(mod: nn.Module, config: CompressConfig, frac: float, gram: torch.Tensor | None,
+                whitened_error: float | None) -> tuple[str | None, str]:
+    """--method auto: (tensor method or None for whitened SVD, why). Candidates are compared
+    by their output error on the calibration metric at the same parameter budget."""
+    dense = mod.weight.numel()
+    if is_kxk_conv(mod):
+        errs: dict[str, float] = {}
+        for method in ("tucker", "cp"):
+            if unsupported(mod, method) is not None:
+                continue
+            errs[method] = _predicted(mod, method, frac * dense, gram)
+        if not errs:
+            return None, "auto: " + (unsupported(mod, "tucker") or "no tensor method applies")
+        best = min(errs, key=lambda k: errs[k])
+        return best, "auto: " + ", ".join(f"{k} {v:.4f}" for k, v in errs.items()) + f" -> {best}"
+    if isinstance(mod, nn.Linear) and getattr(config.method, "try_tt", False) and whitened_error is not None:
+        try:
+            tt_err = _predicted(mod, "tt", frac * dense, gram)
+        except ConfigError:
+            return None, "auto: svd-whiten (features do not factor into TT modes)"
+        if tt_err < whitened_error:
+            return "tt", f"auto: tt {tt_err:.4f} < svd-whiten {whitened_error:.4f}"
+        return None, f"auto: svd-whiten {whitened_error:.4f} <= tt {tt_err:.4f}"
+    return None, ""
+
+
+def _predicted(mod: nn.Module, method: str, budget: float, gram: torch.Tensor | None) -> float:
+    """Relative output error (channel/whitened metric when calibrated) of ``method`` within
+    ``budget`` parameters; inf when nothing fits or the fit is unusable."""
+    if method == "tucker":
+        from .methods.tucker import tucker2
+        s_out, s_in = _tucker_mode_spectra(mod.weight, gram)
+        ranks = _tucker_ranks_for_budget(s_out, s_in, tuple(mod.weight.shape), budget)
+        return math.inf if ranks is None else tucker2(mod.weight, ranks, in_gram=gram).relative_error
+    if method == "cp":
+        from .methods.cp import cp_conv
+        out_c, in_c, kh, kw = mod.weight.shape
+        r = math.floor(budget / (in_c + out_c + kh + kw))
+        if r < 1:
+            return math.inf
+        f = cp_conv(mod.weight, r, in_gram=gram)
+        return f.relative_error if f.usable else math.inf
+    from .methods.tt import tt_matrix, tt_max_rank_for_params
+    out_m, in_m = _tt_modes(mod, TTConfig())
+    r = tt_max_rank_for_params(out_m, in_m, int(budget))
+    if r < 1:
+        return math.inf
+    f = tt_matrix(mod.weight.detach(), out_m, in_m, max_rank=r, in_gram=gram)
+    return f.output_error if f.output_error is not None else f.relative_error
 
 
 def unsupported(mod: nn.Module, method: str) -> str | None:
@@ -140,7 +196,7 @@ def plan_layer(lp: Any, mod: nn.Module, method: str, config: CompressConfig, fra
         from .methods.tt import tt_full_ranks, tt_max_rank_for_params, tt_params
         if config.energy is not None:
             raise ConfigError("--energy is not supported for --method tt; use --rank (largest TT bond) or --ratio")
-        out_m, in_m = _tt_modes(mod, config.method)
+        out_m, in_m = _tt_modes(mod, sub_config(config, "tt"))
         rank = config.rank if config.rank is not None else tt_max_rank_for_params(out_m, in_m, int(frac * dense))
         if rank < 1:
             lp.reason = f"TT rank 1 already needs more than {frac:.0%} of the layer: kept dense"
@@ -159,7 +215,7 @@ def factorize_layer(mod: nn.Module, lp: Any, config: CompressConfig,
                     gram: torch.Tensor | None) -> tuple[nn.Module | None, str]:
     """The factorized module for a planned tensor-method layer, or (None, reason) to keep it
     dense (CP that did not reach a usable fit)."""
-    m = config.method
+    m = sub_config(config, lp.method)
     if lp.method == "tucker":
         from .methods.tucker import tucker_module
         new, _ = tucker_module(mod, tuple(lp.ranks), in_gram=gram, max_iter=m.max_iter)

@@ -179,3 +179,29 @@ def test_share_group_out_of_range(k, msg):
     with pytest.raises(lc.LrcompressError, match=msg):
         cfg = lc.CompressConfig(method=lc.method_config("shared-svd", share_group=k), rank=4)
         lc.compress_(lc.resolve("tests.models:stack").model, cfg, _stack_data())
+
+
+def test_auto_picks_per_layer_and_explains(tmp_path):
+    loaded = lc.resolve("tests.models:conv_zoo")
+    model = loaded.model
+    rep = lc.compress_(model, lc.CompressConfig(method=lc.method_config("auto"), ratio=0.5, allocate="uniform"),
+                       _zoo_data())
+    by = {l.name: l for l in rep.layers}
+    for name in ("a", "b", "c"):
+        lay = by[name]
+        assert lay.reason.startswith("auto:") and ("tucker" in lay.reason and "cp" in lay.reason)
+        chosen = lay.reason.split("->")[1].split(";")[0].strip()
+        assert lay.method in (chosen, "dense")
+    assert "groups" in by["g"].reason
+    assert by["fc"].reason.startswith("auto:") and by["fc"].method in ("svd-whiten", "tt", "dense")
+    out = lc.save(model, tmp_path / "auto", loaded.spec)
+    again, _ = lc.load(out)
+    x = torch.from_numpy(_zoo_data().arrays[""][:3])
+    with torch.no_grad():
+        assert torch.equal(again(x), model(x))
+
+
+def test_auto_needs_a_ratio():
+    with pytest.raises(lc.LrcompressError, match="--method auto"):
+        lc.compress_(lc.resolve("tests.models:conv_zoo").model,
+                     lc.CompressConfig(method=lc.method_config("auto"), rank=4), _zoo_data())
