@@ -31,6 +31,13 @@ def _parse_number(flag: str, value: str | None, kind: type) -> Any:
         raise ConfigError(f"{flag} {value!r} is not a number; give {want}") from None
 
 
+def _parse_rank(text: str | None) -> int | tuple[int, int] | None:
+    """--rank N, or R_OUT,R_IN for tucker."""
+    if text is not None and "," in text:
+        return tuple(_parse_number("--rank", part.strip(), int) for part in text.split(","))  # type: ignore[return-value]
+    return _parse_number("--rank", text, int)
+
+
 def _parse_tt_shape(text: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
     try:
         out_s, in_s = text.split(":")
@@ -84,7 +91,8 @@ def cli() -> None:
 @click.option("--method", type=str, default=None,
               help="svd | svd-whiten | tucker | cp (kxk Conv2d) | tt (Linear) | shared-svd; default: svd-whiten "
                    "with --calib, else svd.")
-@click.option("--rank", type=str, default=None, help="Exact rank for every target layer.")
+@click.option("--rank", type=str, default=None,
+              help="Exact rank for every target layer (tucker: N or R_OUT,R_IN; cp: CP rank; tt: largest TT bond).")
 @click.option("--ratio", type=str, default=None, help="Fraction of parameters to keep, in (0, 1].")
 @click.option("--energy", type=str, default=None, help="Fraction of (whitened) spectral energy to keep per layer.")
 @click.option("--allocate", type=str, default="global", show_default=True, help="uniform | global (with --ratio).")
@@ -130,7 +138,7 @@ def compress(source: str, output: str | None, weights: str | None, trust_pickle:
                               "or use --method shared-svd")
         extra["share_group"] = share_group
     config = CompressConfig(
-        method=method_config(method, solver=solver, **extra), rank=_parse_number("--rank", rank, int),
+        method=method_config(method, solver=solver, **extra), rank=_parse_rank(rank),
         ratio=_parse_number("--ratio", ratio, float), energy=_parse_number("--energy", energy, float),
         allocate=allocate, scope=scope, targets=targets, exclude=exclude, seed=seed,
         probe_passes=probe_passes)
@@ -208,7 +216,7 @@ def inspect(source: str, weights: str | None, trust_pickle: bool, calib: str | N
     stats = None
     if calib:
         data = open_data(calib, loaded.tokenizer, max_length, calib_samples)
-        names = select_targets(loaded.model, targets, exclude, "svd-whiten")
+        names = select_targets(loaded.model, targets, exclude, "auto")
         stats = calibrate(loaded.model, data.batches(batch_size), names)
     rep = run_inspect(loaded.model, stats, ratio=r, targets=targets, exclude=exclude)
     if plot is not None:

@@ -191,7 +191,16 @@ class CompressConfig:
                 f"budget options given: {given or 'none'}; exactly one of --rank, --ratio or "
                 "--energy is needed, e.g. --ratio 0.5"
             )
-        if self.rank is not None:
+        if isinstance(self.rank, (tuple, list)):
+            pair = tuple(self.rank)
+            if (len(pair) != 2 or any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in pair)):
+                raise ConfigError(f"--rank {self.rank!r} must be an integer >= 1 or, for tucker, a pair "
+                                  "R_OUT,R_IN of integers >= 1; e.g. --rank 32,16")
+            if self.method.name != "tucker":
+                raise ConfigError(f"--rank {pair[0]},{pair[1]} (a pair) is only for --method tucker; give one "
+                                  "integer, e.g. --rank 32")
+            object.__setattr__(self, "rank", pair)
+        elif self.rank is not None:
             if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
                 raise ConfigError(f"--rank {self.rank!r} must be an integer >= 1; e.g. --rank 64")
         if self.ratio is not None:
@@ -220,8 +229,15 @@ class CompressConfig:
         object.__setattr__(self, "targets", tuple(self.targets))
         object.__setattr__(self, "exclude", tuple(self.exclude))
 
+    @property
+    def matrix_rank(self) -> int | None:
+        """The rank for two-factor (matrix) layers: ``rank``, or the smaller of a Tucker pair."""
+        return min(self.rank) if isinstance(self.rank, tuple) else self.rank
+
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
+        if isinstance(self.rank, tuple):
+            d["rank"] = list(self.rank)
         d["method"] = self.method.to_dict()
         d["targets"] = list(self.targets)
         d["exclude"] = list(self.exclude)
@@ -238,4 +254,6 @@ class CompressConfig:
         name = m.pop("name", "svd-whiten")
         d["targets"] = tuple(d.get("targets", ()))
         d["exclude"] = tuple(d.get("exclude", ()))
+        if isinstance(d.get("rank"), list):
+            d["rank"] = tuple(d["rank"])
         return cls(method=method_config(name, **m), **d)

@@ -84,12 +84,33 @@ class InspectReport:
 def inspect(model: nn.Module, calibration: Calibration | None = None, *, ratio: float = 0.5,
             targets: tuple[str, ...] = (), exclude: tuple[str, ...] = ()) -> InspectReport:
     """Per-layer break-even, energy ranks and the uniform rank a ``ratio`` gives."""
+    from .planning import factorizable
+    from .tensor_plan import _tucker_mode_spectra, unsupported
+
     method = WhitenedSVDConfig() if calibration is not None else SVDConfig()
+    if not targets:  # every factorizable layer, convs included
+        targets = tuple(factorizable(model))
     config = CompressConfig(method=method, ratio=ratio, allocate="uniform", targets=targets, exclude=exclude)
     plan = make_plan(model, config, calibration)
     infos, spectra = [], {}
     for lp in plan.layers:
         spec = plan.spectra.get(lp.name)
+        if lp.kind == "conv" and unsupported(model.get_submodule(lp.name), "tucker") is not None:
+            reason = unsupported(model.get_submodule(lp.name), "tucker")
+            infos.append(LayerInfo(lp.name, lp.kind, lp.shape, lp.params_before, lp.break_even, 0, 0, None,
+                                   False, reason))
+            continue
+        if lp.kind == "conv":
+            mod = model.get_submodule(lp.name)
+            gram = calibration.layers[lp.name].gram if calibration is not None and lp.name in calibration else None
+            s_out, s_in = _tucker_mode_spectra(mod.weight, gram)
+            infos.append(LayerInfo(lp.name, lp.kind, lp.shape, lp.params_before, lp.break_even,
+                                   s_out.rank_for_energy(0.90), s_out.rank_for_energy(0.99), None,
+                                   gram is not None,
+                                   f"Tucker mode ranks out/in: 90% {s_out.rank_for_energy(0.90)}/"
+                                   f"{s_in.rank_for_energy(0.90)}, 99% {s_out.rank_for_energy(0.99)}/"
+                                   f"{s_in.rank_for_energy(0.99)}; use --method tucker or cp"))
+            continue
         if spec is None:
             infos.append(LayerInfo(lp.name, lp.kind, lp.shape, lp.params_before, lp.break_even, 0, 0, None,
                                    False, lp.reason))

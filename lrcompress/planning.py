@@ -291,8 +291,8 @@ def make_plan(model: nn.Module, config: CompressConfig, calib: Calibration | Non
                 if calib is not None and name in calib:
                     plan.grams[name] = calib.layers[name].gram
             continue
-        if config.rank is not None and config.rank > min(m, n):
-            raise ConfigError(f"--rank {config.rank} exceeds min(m, n) = {min(m, n)} of layer {name!r} "
+        if tmethod is None and kind != "conv" and config.rank is not None and config.matrix_rank > min(m, n):
+            raise ConfigError(f"--rank {config.matrix_rank} exceeds min(m, n) = {min(m, n)} of layer {name!r} "
                               f"{shape}; use --rank <= {min(m, n)} or --exclude {name}")
         lp = LayerPlan(name, kind, shape, config.method.name, None, m * n, m * n, 0.0, be, why)
         layers[name] = lp
@@ -309,7 +309,7 @@ def make_plan(model: nn.Module, config: CompressConfig, calib: Calibration | Non
         elif whiten and metric is None:
             lp.reason = "no calibration input reached this layer: plain SVD"
             lp.method = "svd"
-        max_rank = config.rank if config.rank is not None else be
+        max_rank = config.matrix_rank if config.rank is not None else be
         if whiten and metric is not None:
             plan.metrics[name] = metric
             plan.spectra[name] = whitened_spectrum(w, metric, method, max_rank, config.seed)
@@ -451,7 +451,7 @@ def _allocate(layers: list[LayerPlan], spectra: dict[str, Spectrum], config: Com
     """Ranks for matrix layers; ``budget`` overrides the ratio budget (what tensor-method
     layers left of it)."""
     if config.rank is not None:
-        return {l.name: config.rank for l in layers}
+        return {l.name: config.matrix_rank for l in layers}
     if config.energy is not None:
         return {l.name: spectra[l.name].rank_for_energy(config.energy) for l in layers}
     if budget is None:
@@ -533,6 +533,10 @@ def plan_table(plan: Plan) -> str:
         params = f"{l.params_before}->{l.params_after}"
         if l.rank is None:
             lines.append(f"{l.name[-44:]:44} {shape:>12} {'dense':>10} {'-':>5} {l.break_even:>6} {params:>17}  {l.reason}")
+        elif l.method in ("tucker", "cp", "tt"):  # no single spectrum: error is measured after factorizing
+            rank = "/".join(map(str, l.ranks)) if l.method == "tucker" else str(l.rank)
+            lines.append(f"{l.name[-44:]:44} {shape:>12} {l.method:>10} {rank:>5} {'-':>6} {params:>17} "
+                         f"{'-':>8}" + (f"  {l.reason}" if l.reason else ""))
         else:
             lines.append(f"{l.name[-44:]:44} {shape:>12} {l.method:>10} {l.rank:>5} {l.break_even:>6} {params:>17} "
                          f"{l.predicted_error:8.4f}" + (f"  {l.reason}" if l.reason else ""))

@@ -106,7 +106,7 @@ def group_rank(group: Group, shapes: list[tuple[int, int]], config: Any, frac: f
     total_n = sum(n for _, n in shapes)
     dense = sum(m * n for m, n in shapes)
     if config.rank is not None:
-        r = config.rank
+        r = config.matrix_rank
     elif config.energy is not None:
         r = group.spectrum.rank_for_energy(config.energy)
     else:

@@ -162,7 +162,13 @@ def plan_layer(lp: Any, mod: nn.Module, method: str, config: CompressConfig, fra
     if method == "tucker":
         from .methods.tucker import tucker_params
         out_c, in_c, kh, kw = mod.weight.shape
-        if config.rank is not None:
+        if isinstance(config.rank, tuple):
+            r_out, r_in = config.rank
+            if r_out > out_c or r_in > in_c:
+                raise ConfigError(f"--rank {r_out},{r_in} exceeds the channels of conv {lp.name!r} (out {out_c}, "
+                                  f"in {in_c}); use R_OUT <= {out_c} and R_IN <= {in_c}")
+            ranks = (r_out, r_in)
+        elif config.rank is not None:
             r = config.rank
             if r > max(out_c, in_c):
                 raise ConfigError(f"--rank {r} exceeds both channel counts of conv {lp.name!r} (out {out_c}, in "

@@ -205,3 +205,25 @@ def test_auto_needs_a_ratio():
     with pytest.raises(lc.LrcompressError, match="--method auto"):
         lc.compress_(lc.resolve("tests.models:conv_zoo").model,
                      lc.CompressConfig(method=lc.method_config("auto"), rank=4), _zoo_data())
+
+
+def test_tucker_rank_pair_and_config_round_trip():
+    cfg = lc.CompressConfig(method=lc.method_config("tucker"), rank=(8, 2), targets=("a", "b"))
+    assert lc.CompressConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    model = lc.resolve("tests.models:conv_zoo").model
+    rep = lc.compress_(model, cfg, _zoo_data())
+    assert [l.ranks for l in rep.layers] == [[8, 2], [8, 2]]
+    assert tuple(model.a.ranks) == (8, 2)
+    with pytest.raises(lc.LrcompressError, match="only for --method tucker"):
+        lc.CompressConfig(method=lc.method_config("cp"), rank=(8, 2))
+
+
+def test_inspect_covers_convs_with_tucker_mode_ranks():
+    model = lc.resolve("tests.models:conv_zoo").model
+    stats = lc.pipeline.gather(model, lc.CompressConfig(method=lc.method_config("auto"), ratio=0.5), _zoo_data())
+    rep = lc.inspect(model, stats)
+    by = {l.name: l for l in rep.layers}
+    assert "Tucker mode ranks" in by["b"].note and by["b"].whitened
+    assert 1 <= by["b"].rank90 <= by["b"].rank99 <= 24
+    assert "groups" in by["g"].note
+    assert "fc" in by and by["fc"].ratio_rank is not None
