@@ -31,10 +31,12 @@ class CompressionReport:
         return self.params_after / self.params_before if self.params_before else 1.0
 
     @property
-    def worst_error_ratio(self) -> float:
+    def worst_error_ratio(self) -> float | None:
+        """Worst achieved/optimal over layers with a proven optimum (whitened SVD, shared
+        bases); None when no such layer was factorized."""
         vals = [l.error_ratio for l in self.layers if l.rank is not None and l.error_metric == "output"
-                and l.method == "svd-whiten" and not math.isnan(l.error_ratio)]
-        return max(vals) if vals else 1.0
+                and l.method in ("svd-whiten", "shared-svd") and not math.isnan(l.error_ratio)]
+        return max(vals) if vals else None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -73,7 +75,7 @@ class CompressionReport:
         lines.append("-" * len(head))
         lines.append(f"params {self.params_before:,} -> {self.params_after:,} ({self.ratio:.1%}); "
                      f"bytes {self.bytes_before:,} -> {self.bytes_after:,}; worst achieved/optimal "
-                     f"{self.worst_error_ratio:.4f}")
+                     + ("-" if self.worst_error_ratio is None else f"{self.worst_error_ratio:.4f}"))
         if self.seconds:
             lines.append("time " + ", ".join(f"{k} {v:.2f}s" for k, v in self.seconds.items()))
         return "\n".join(lines)

@@ -207,10 +207,16 @@ def plan_layer(lp: Any, mod: nn.Module, method: str, config: CompressConfig, fra
         if rank < 1:
             lp.reason = f"TT rank 1 already needs more than {frac:.0%} of the layer: kept dense"
             return
+        from .methods.tt import tt_flops
         full = tt_full_ranks(out_m, in_m)
         ranks = tuple(min(rank, f) for f in full)
-        after = tt_params(out_m, in_m, ranks)
+        after = tt_params(out_m, in_m, ranks) + (mod.in_features if gram is not None else 0)
         lp.ranks = [list(out_m), list(in_m), list(ranks)]
+        flops = tt_flops(out_m, in_m, ranks)
+        if flops > dense:  # dense MACs per input row = out * in = its parameter count
+            lp.reason = (f"TT bond {rank} costs {flops / dense:.1f}x the dense multiply-adds per input: kept "
+                         "dense (lower --ratio/--rank, or use svd-whiten)")
+            return
     if after >= dense:
         lp.reason = f"{method} at this rank needs {after} >= {dense} params (break-even): kept dense"
         return
@@ -236,7 +242,7 @@ def factorize_layer(mod: nn.Module, lp: Any, config: CompressConfig,
     from .methods.tt import tt_matrix
     from .tt_layers import TTLinear
     out_m, in_m, ranks = lp.ranks
-    f = tt_matrix(mod.weight.detach(), out_m, in_m, ranks)
+    f = tt_matrix(mod.weight.detach(), out_m, in_m, ranks, in_gram=gram, scale_inputs=gram is not None)
     return TTLinear.from_factors(f, None if mod.bias is None else mod.bias.detach()), ""
 
 

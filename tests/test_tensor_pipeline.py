@@ -78,7 +78,7 @@ def test_reflect_padding_is_kept_by_tucker():
 def test_tt_linear_through_the_pipeline(tmp_path):
     loaded = lc.resolve("tests.models:conv_zoo")
     model = loaded.model
-    rep = lc.compress_(model, lc.CompressConfig(method=lc.method_config("tt", modes=2), rank=4,
+    rep = lc.compress_(model, lc.CompressConfig(method=lc.method_config("tt", modes=2), rank=2,
                                                 targets=("fc", "out")), _zoo_data())
     assert all(isinstance(model.get_submodule(n), TTLinear) for n in ("fc", "out"))
     for lay in rep.layers:
@@ -227,3 +227,10 @@ def test_inspect_covers_convs_with_tucker_mode_ranks():
     assert 1 <= by["b"].rank90 <= by["b"].rank99 <= 24
     assert "groups" in by["g"].note
     assert "fc" in by and by["fc"].ratio_rank is not None
+
+
+def test_tt_that_costs_more_flops_than_dense_stays_dense():
+    model = lc.resolve("tests.models:conv_zoo").model
+    rep = lc.compress_(model, lc.CompressConfig(method=lc.method_config("tt", modes=2), rank=4,
+                                                targets=("fc",)), _zoo_data())
+    assert rep.layers[0].rank is None and "multiply-adds" in rep.layers[0].reason
