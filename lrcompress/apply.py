@@ -13,7 +13,8 @@ from torch import nn
 from .layers import LowRankConv1x1, LowRankEmbedding, LowRankLinear
 from .config import TENSOR_METHODS
 from .methods import factorize
-from .planning import LayerPlan, Plan, layer_matrix
+from .planning import LayerPlan, Plan
+from .targets import layer_matrix
 
 
 @dataclass

@@ -200,7 +200,7 @@ def inspect(source: str, weights: str | None, trust_pickle: bool, calib: str | N
     from .config import CompressConfig
     from .data import open_data
     from .inspection import inspect as run_inspect
-    from .planning import select_targets
+    from .targets import select_targets
     from .sources import resolve
 
     r = _parse_number("--ratio", ratio, float)

@@ -84,8 +84,8 @@ class InspectReport:
 def inspect(model: nn.Module, calibration: Calibration | None = None, *, ratio: float = 0.5,
             targets: tuple[str, ...] = (), exclude: tuple[str, ...] = ()) -> InspectReport:
     """Per-layer break-even, energy ranks and the uniform rank a ``ratio`` gives."""
-    from .planning import factorizable
-    from .tensor_plan import _tucker_mode_spectra, unsupported
+    from .targets import factorizable
+    from .tensor_plan import tucker_mode_spectra, unsupported
 
     method = WhitenedSVDConfig() if calibration is not None else SVDConfig()
     if not targets:  # every factorizable layer, convs included
@@ -103,7 +103,7 @@ def inspect(model: nn.Module, calibration: Calibration | None = None, *, ratio: 
         if lp.kind == "conv":
             mod = model.get_submodule(lp.name)
             gram = calibration.layers[lp.name].gram if calibration is not None and lp.name in calibration else None
-            s_out, s_in = _tucker_mode_spectra(mod.weight, gram)
+            s_out, s_in = tucker_mode_spectra(mod.weight, gram)
             infos.append(LayerInfo(lp.name, lp.kind, lp.shape, lp.params_before, lp.break_even,
                                    s_out.rank_for_energy(0.90), s_out.rank_for_energy(0.99), None,
                                    gram is not None,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import time
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -14,7 +14,8 @@ from .calibrate import Calibration, calibrate
 from .config import CompressConfig
 from .data import Batch, TensorData, TextData
 from .errors import ConfigError
-from .planning import Plan, make_plan, select_targets
+from .planning import Plan, make_plan
+from .targets import select_targets
 from .report import CompressionReport
 
 CalibrationLike = Calibration | TextData | TensorData | Iterable[Batch] | None
@@ -37,9 +38,16 @@ def gather(model: nn.Module, config: CompressConfig, data: CalibrationLike, *, b
         calib = calibrate(model, data.batches(batch_size), names, device=device, progress=progress)
         calib.probe = [b.to(device) for b in probe_batches(data)]
         return calib
-    batches = list(data)
-    calib = calibrate(model, batches, names, device=device, progress=progress)
-    calib.probe = [b.to(device) for b in batches[:1]]
+    first: list[Batch] = []
+
+    def stream() -> Iterator[Batch]:  # keep only the first batch (the probe), never the stream
+        for b in data:
+            if not first:
+                first.append(b)
+            yield b
+
+    calib = calibrate(model, stream(), names, device=device, progress=progress)
+    calib.probe = [b.to(device) for b in first]
     return calib
 
 

@@ -17,7 +17,7 @@ from torch import nn
 from .config import AutoConfig, CompressConfig, CPConfig, TTConfig, TuckerConfig, method_config
 from .errors import ConfigError
 from .methods import Metric, spectrum
-from .planning import is_kxk_conv
+from .targets import is_kxk_conv
 
 
 def tensor_method(mod: nn.Module, config: CompressConfig) -> str | None:
@@ -65,7 +65,7 @@ def _predicted(mod: nn.Module, method: str, budget: float, gram: torch.Tensor | 
     ``budget`` parameters; inf when nothing fits or the fit is unusable."""
     if method == "tucker":
         from .methods.tucker import tucker2
-        s_out, s_in = _tucker_mode_spectra(mod.weight, gram)
+        s_out, s_in = tucker_mode_spectra(mod.weight, gram)
         ranks = _tucker_ranks_for_budget(s_out, s_in, tuple(mod.weight.shape), budget)
         return math.inf if ranks is None else tucker2(mod.weight, ranks, in_gram=gram).relative_error
     if method == "cp":
@@ -113,7 +113,7 @@ def _mode_spectrum(mat: torch.Tensor, gram: torch.Tensor | None) -> Any:
     return spectrum(mat, Metric(gram=gram) if gram is not None else Metric())
 
 
-def _tucker_mode_spectra(weight: torch.Tensor, gram: torch.Tensor | None) -> tuple[Any, Any]:
+def tucker_mode_spectra(weight: torch.Tensor, gram: torch.Tensor | None) -> tuple[Any, Any]:
     """Spectra of the output-mode unfolding and of the (whitened when calibrated) input-mode one."""
     w = weight.detach().double()
     out_c, in_c = w.shape[:2]
@@ -175,7 +175,7 @@ def plan_layer(lp: Any, mod: nn.Module, method: str, config: CompressConfig, fra
                                   f"{in_c}); use --rank <= {max(out_c, in_c)} (each mode is capped at its channels)")
             ranks = (min(r, out_c), min(r, in_c))
         else:
-            s_out, s_in = _tucker_mode_spectra(mod.weight, gram)
+            s_out, s_in = tucker_mode_spectra(mod.weight, gram)
             if config.energy is not None:
                 ranks = (min(s_out.rank_for_energy(config.energy), out_c),
                          min(s_in.rank_for_energy(config.energy), in_c))
@@ -272,7 +272,7 @@ def allocate_tucker(layers: list[tuple[Any, nn.Module]], grams: dict[str, torch.
     hulls: dict[str, list] = {}
     for lp, mod in layers:
         out_c, in_c, kh, kw = mod.weight.shape
-        s_out, s_in = _tucker_mode_spectra(mod.weight, grams.get(lp.name))
+        s_out, s_in = tucker_mode_spectra(mod.weight, grams.get(lp.name))
         lo = [s_out.tail(r) / s_out.total if s_out.total > 0 else 0.0 for r in range(out_c + 1)]
         li = [s_in.tail(r) / s_in.total if s_in.total > 0 else 0.0 for r in range(in_c + 1)]
         opts: list = [(lp.params_before, 0.0, None)]

@@ -377,7 +377,7 @@ def part2(runs: int, held_n: int = MINILM_HELD) -> dict[str, Any]:
     calib_all, held_all = reference_split()
     calib_lines, held = calib_all[:MINILM_CALIB], held_all[:held_n]
     data = lrcompress.TextData(calib_lines, tok, MAX_LENGTH)
-    from lrcompress.planning import select_targets
+    from lrcompress.targets import select_targets
     names = select_targets(model, FF_TARGETS, (), "svd-whiten")
     wrong = [n for n in names if "attention" in n]
     if wrong:
