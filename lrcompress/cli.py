@@ -70,6 +70,95 @@ calib_options = [
 ]
 
 
+recover_options = [
+    click.option("--lora-rank", type=int, default=8, show_default=True, help="Adapter rank per factorized layer."),
+    click.option("--lr", type=str, default="1e-4", show_default=True, help="Peak AdamW learning rate."),
+    click.option("--train", "train_mode", type=str, default="factors", show_default=True,
+                 help="factors | lora | both: what recovery trains."),
+    click.option("--init", "lora_init", type=str, default="residual", show_default=True,
+                 help="residual (top directions of W - W') | zero (classic LoRA)."),
+    click.option("--fold", type=str, default="budget", show_default=True,
+                 help="budget: re-truncate adapters into each layer's rank | exact: rank r + lora rank."),
+    click.option("--eval-data", type=str, default=None, help="Held-out data (default: --eval-fraction of the data)."),
+    click.option("--eval-every", type=int, default=100, show_default=True),
+    click.option("--eval-fraction", type=str, default="0.1", show_default=True),
+    click.option("--patience", type=int, default=5, show_default=True,
+                 help="Stop after this many evaluations without improvement (0 = never)."),
+    click.option("--loss", type=str, default=None, help="Comma list of hidden, pooled, kl (default: hidden,pooled "
+                 "for token outputs, else hidden)."),
+    click.option("--feature-weight", type=str, default="0", show_default=True,
+                 help="Weight of per-layer feature matching."),
+    click.option("--ortho-weight", type=str, default="0", show_default=True,
+                 help="Weight of the orthogonality penalty on factor bases."),
+    click.option("--rank-schedule", type=str, default=None, help="Grow adapters: STEP:RANK,... e.g. 200:16,500:32."),
+    click.option("--warmup", type=int, default=None, help="Warm-up steps (default: 5 % of the steps)."),
+    click.option("--weight-decay", type=str, default="0", show_default=True),
+    click.option("--clip", type=str, default="1.0", show_default=True, help="Gradient-norm clipping."),
+    click.option("--bf16", is_flag=True, help="bfloat16 autocast for the student's forward."),
+    click.option("--resume", is_flag=True, help="Continue an interrupted recovery from its state file."),
+    click.option("--state", "state_file", type=str, default=None,
+                 help="Resumable state file (default: OUT.recover-state.pt beside the output)."),
+    click.option("--plot", "plot_file", type=str, default=None, help="Write the training curve to this PNG."),
+]
+
+
+def _recovery_config(steps: int, kw: dict[str, Any], batch_size: int, max_length: int, seed: int) -> Any:
+    """RecoveryConfig from the shared CLI options (pops them from ``kw``)."""
+    from .config import RecoveryConfig
+    sched = kw.pop("rank_schedule")
+    pairs: tuple = ()
+    if sched:
+        try:
+            pairs = tuple(tuple(int(v) for v in item.split(":")) for item in sched.split(","))
+        except ValueError:
+            raise ConfigError(f"--rank-schedule {sched!r} is not STEP:RANK,...; write e.g. 200:16,500:32") from None
+    loss = kw.pop("loss")
+    return RecoveryConfig(
+        steps=steps, lr=_parse_number("--lr", kw.pop("lr"), float), lora_rank=kw.pop("lora_rank"),
+        train=kw.pop("train_mode"), init=kw.pop("lora_init"), fold=kw.pop("fold"), batch_size=batch_size,
+        max_length=max_length, eval_every=kw.pop("eval_every"),
+        eval_fraction=_parse_number("--eval-fraction", kw.pop("eval_fraction"), float),
+        patience=kw.pop("patience"), warmup=kw.pop("warmup"),
+        weight_decay=_parse_number("--weight-decay", kw.pop("weight_decay"), float),
+        clip=_parse_number("--clip", kw.pop("clip"), float),
+        loss=tuple(t.strip() for t in loss.split(",")) if loss else (),
+        feature_weight=_parse_number("--feature-weight", kw.pop("feature_weight"), float),
+        ortho_weight=_parse_number("--ortho-weight", kw.pop("ortho_weight"), float),
+        rank_schedule=pairs, bf16=kw.pop("bf16"), seed=seed)
+
+
+def _state_path(output: str, state_file: str | None) -> Any:
+    from pathlib import Path
+    return Path(state_file) if state_file else Path(str(output).rstrip("/") + ".recover-state.pt")
+
+
+def _run_recovery(student: Any, teacher: Any, rc: Any, data: Any, eval_path: str | None, tokenizer: Any,
+                  calibration: Any, device: str, state: Any, resume: bool, show: bool) -> Any:
+    """Recovery with a progress bar (step, loss, last held-out cosine); rank 0 shows it."""
+    from .data import open_data
+    from .recovery import dist_info, recover
+
+    rank, _ = dist_info()
+    if resume and not state.is_file():
+        raise ConfigError(f"--resume given but there is no recovery state at {str(state)!r}; run without --resume")
+    eval_data = open_data(eval_path, tokenizer, rc.max_length) if eval_path else None
+    bar = _progress(rc.steps, "recover", show and rank == 0)
+    last: dict[str, float] = {}
+
+    def progress(step: int, info: dict[str, Any]) -> None:
+        if "cos_mean" in info:
+            last["cos"] = info["cos_mean"]
+        bar.set_postfix(loss=f"{info['loss']:.4g}", **({"eval_cos": f"{last['cos']:.4f}"} if last else {}))
+        bar.n = step
+        bar.refresh()
+
+    try:
+        return recover(student, teacher, data, rc, eval_data=eval_data, calibration=calibration, device=device,
+                       state_path=state, resume=resume, progress=progress)
+    finally:
+        bar.close()
+
+
 def _apply(options: list) -> Any:
     def deco(f: Any) -> Any:
         for opt in reversed(options):
@@ -108,21 +197,30 @@ def cli() -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", type=str, default="cpu", show_default=True, help="cpu | cuda")
 @click.option("--dry-run", is_flag=True, help="Print the plan and write nothing.")
+@click.option("--recover-steps", type=int, default=0, show_default=True,
+              help="Recovery (distillation against the original) steps after factorizing; 0 = none.")
+@click.option("--recover-data", type=str, default=None, help="Recovery training data (default: --calib).")
+@click.option("--recover-batch-size", type=int, default=16, show_default=True)
+@_apply(recover_options)
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars, no table.")
 def compress(source: str, output: str | None, weights: str | None, trust_pickle: bool, calib: str | None,
              max_length: int, calib_samples: int | None, batch_size: int, targets: tuple, exclude: tuple,
              method: str | None, rank: str | None, ratio: str | None, energy: str | None, allocate: str,
-             scope: str, share_group: int | None, tt_shape: str | None, probe_passes: int, solver: str, seed: int, device: str, dry_run: bool, overwrite: bool,
-             as_json: bool, quiet: bool) -> None:
-    """Factorize SOURCE's Linear/Embedding layers and write a compressed checkpoint."""
+             scope: str, share_group: int | None, tt_shape: str | None, probe_passes: int, solver: str, seed: int,
+             device: str, dry_run: bool, recover_steps: int, recover_data: str | None, recover_batch_size: int,
+             overwrite: bool, as_json: bool, quiet: bool, **kw: Any) -> None:
+    """Factorize SOURCE's Linear/Embedding layers and write a compressed checkpoint
+    (optionally followed by LoRA residual recovery, --recover-steps)."""
+    import copy
+
     import torch
 
     from .checkpoint import check_output, save
     from .config import CompressConfig, method_config
     from .data import open_data
-    from .pipeline import compress_, plan
+    from .pipeline import compress_, param_bytes, plan
     from .planning import plan_table
     from .sources import resolve
 
@@ -147,6 +245,13 @@ def compress(source: str, output: str | None, weights: str | None, trust_pickle:
     if batch_size < 1:
         raise ConfigError(f"--batch-size {batch_size} must be >= 1; e.g. --batch-size 32")
     device = _device(device)
+    if recover_steps < 0:
+        raise ConfigError(f"--recover-steps {recover_steps} must be >= 0 (0 = no recovery); e.g. --recover-steps 300")
+    rc = _recovery_config(recover_steps, kw, recover_batch_size, max_length, seed) if recover_steps else None
+    if rc is not None and not (calib or recover_data):
+        raise ConfigError("--recover-steps needs training text; pass --calib FILE or --recover-data FILE")
+    if kw.get("plot_file") and rc is not None:
+        _need_matplotlib("--plot")
     if not dry_run:
         if output is None:
             raise ConfigError("no output folder given; pass -o OUT (or --dry-run to only print the plan)")
@@ -160,6 +265,8 @@ def compress(source: str, output: str | None, weights: str | None, trust_pickle:
         click.echo(json.dumps(p.to_dict(), indent=2) if as_json else plan_table(p))
         return
     model = loaded.model.to(device)
+    teacher = copy.deepcopy(model) if rc is not None else None
+    train = open_data(recover_data, loaded.tokenizer, max_length) if rc is not None and recover_data else data
     bars: dict[str, Any] = {}
 
     def progress(stage: str, x: Any) -> None:
@@ -176,12 +283,29 @@ def compress(source: str, output: str | None, weights: str | None, trust_pickle:
         for b in bars.values():
             b.close()
     report.source, report.output = source, output
+    rep = None
+    if rc is not None:
+        state = _state_path(output, kw.get("state_file"))
+        rep = _run_recovery(model, teacher, rc, train, kw.get("eval_data"), loaded.tokenizer, report.stats,
+                            device, state, kw.get("resume", False), show)
+        report.recovery = rep.to_dict()
+        report.params_after = sum(q.numel() for q in model.parameters())
+        report.bytes_after = param_bytes(model)
+    if not _is_writer():
+        return
+    extra = {"report.json": report.to_json() + "\n"}
+    if rep is not None:
+        extra["recovery.json"] = rep.to_json() + "\n"
     save(model.cpu(), output, loaded.spec, plan=report.plan, side_files=loaded.side_files,
-         extra_files={"report.json": report.to_json() + "\n"}, overwrite=overwrite)
+         extra_files=extra, overwrite=overwrite)
+    if rep is not None:
+        _finish_recovery(rep, state, kw.get("plot_file"))
     if as_json:
         click.echo(report.to_json())
     elif not quiet:
         click.echo(report.table())
+        if rep is not None:
+            click.echo(rep.table())
         click.echo(f"wrote {output}")
 
 
@@ -227,6 +351,88 @@ def inspect(source: str, weights: str | None, trust_pickle: bool, calib: str | N
         click.echo(rep.table())
         if plot:
             click.echo(f"wrote {plot}")
+
+
+def _need_matplotlib(flag: str) -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise ConfigError(f"{flag} needs matplotlib; install it with pip install 'lrcompress[plot]'") from None
+
+
+def _is_writer() -> bool:
+    """Only rank 0 of a torchrun job writes files and prints reports."""
+    import os
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _finish_recovery(rep: Any, state: Any, plot_file: str | None) -> None:
+    """After a successful save: drop the resumable state, draw the curve."""
+    state.unlink(missing_ok=True)
+    if plot_file:
+        rep.plot(plot_file)
+
+
+@cli.command()
+@click.argument("checkpoint")
+@click.option("--reference", required=True, help="The original model (any compress SOURCE) to distil against.")
+@click.option("--data", "data_path", required=True, help="Training data: text (one example per line) or tensors.")
+@click.option("-o", "--output", "output", required=True, help="Output folder for the recovered checkpoint.")
+@click.option("--steps", type=int, default=300, show_default=True)
+@click.option("--batch-size", type=int, default=16, show_default=True)
+@click.option("--max-length", type=int, default=128, show_default=True, help="Tokens per example.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", type=str, default="cpu", show_default=True, help="cpu | cuda")
+@_apply(source_options)
+@_apply(recover_options)
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar, no table.")
+def recover(checkpoint: str, reference: str, data_path: str, output: str, steps: int, batch_size: int,
+            max_length: int, seed: int, device: str, weights: str | None, trust_pickle: bool, overwrite: bool,
+            as_json: bool, quiet: bool, **kw: Any) -> None:
+    """Distil a compressed CHECKPOINT against its original (--reference) and fold the adapters."""
+    import json as _json
+    from pathlib import Path
+
+    import torch
+
+    from .checkpoint import MANIFEST, PICKLED, WEIGHTS, check_output, load, read_manifest, save
+    from .data import open_data
+    from .sources import resolve
+
+    rc = _recovery_config(steps, kw, batch_size, max_length, seed)
+    device = _device(device)
+    if kw.get("plot_file"):
+        _need_matplotlib("--plot")
+    read_manifest(checkpoint)
+    check_output(output, overwrite)
+    if Path(output).resolve() == Path(checkpoint).resolve():
+        raise ConfigError(f"-o {output!r} is the input checkpoint; write the recovered model to another folder")
+    torch.manual_seed(seed)
+    student, tokenizer, manifest = load(checkpoint, trust_pickle=trust_pickle, with_manifest=True)
+    ref = resolve(reference, weights=weights, trust_pickle=trust_pickle)
+    data = open_data(data_path, tokenizer or ref.tokenizer, max_length)
+    state = _state_path(output, kw.get("state_file"))
+    show = _show_progress(quiet, as_json)
+    rep = _run_recovery(student, ref.model, rc, data, kw.get("eval_data"), tokenizer or ref.tokenizer, None,
+                        device, state, kw.get("resume", False), show)
+    if not _is_writer():
+        return
+    ck = Path(checkpoint)
+    skip = {WEIGHTS, MANIFEST, PICKLED, "report.json", "recovery.json"}
+    side = {str(f.relative_to(ck)): f for f in ck.rglob("*") if f.is_file() and f.name not in skip}
+    old = _json.loads((ck / "report.json").read_text()) if (ck / "report.json").is_file() else None
+    summary = {"checkpoint": checkpoint, "reference": reference, "recovery": rep.to_dict(), "compression": old}
+    save(student.cpu(), output, {"arch": manifest["source"]}, plan=manifest.get("plan"), side_files=side,
+         extra_files={"report.json": _json.dumps(summary, indent=2) + "\n", "recovery.json": rep.to_json() + "\n"},
+         overwrite=overwrite)
+    _finish_recovery(rep, state, kw.get("plot_file"))
+    if as_json:
+        click.echo(rep.to_json())
+    elif not quiet:
+        click.echo(rep.table())
+        click.echo(f"wrote {output}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -29,3 +29,7 @@ class OutputError(LrcompressError, RuntimeError):
 
 class CheckpointError(LrcompressError, ValueError):
     """A compressed checkpoint folder is missing files or is inconsistent."""
+
+
+class TrainingError(LrcompressError, RuntimeError):
+    """Recovery training diverged (NaN/Inf loss); the message says what was kept."""

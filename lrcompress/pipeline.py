@@ -83,7 +83,7 @@ def compress_(model: nn.Module, config: CompressConfig, calibration: Calibration
     t2 = time.perf_counter()
     results = apply_plan(model, p, progress=tick("factorize"))
     t3 = time.perf_counter()
-    return CompressionReport(
+    report = CompressionReport(
         layers=results,
         params_before=params_before,
         params_after=sum(q.numel() for q in model.parameters()),
@@ -94,6 +94,8 @@ def compress_(model: nn.Module, config: CompressConfig, calibration: Calibration
         config=config.to_dict(),
         plan=p.to_dict(),
     )
+    report.stats = calib
+    return report
 
 
 def compress(model: nn.Module, config: CompressConfig, calibration: CalibrationLike = None,

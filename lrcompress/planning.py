@@ -81,7 +81,7 @@ def break_even_rank(m: int, n: int) -> int:
     return math.ceil(m * n / (m + n))
 
 
-def _metric(mod: nn.Module, name: str, calib: Calibration | None, smoothing: float) -> Metric | None:
+def layer_metric(mod: nn.Module, name: str, calib: Calibration | None, smoothing: float) -> Metric | None:
     if calib is None or name not in calib:
         return None
     st = calib.layers[name]
@@ -126,7 +126,7 @@ def make_plan(model: nn.Module, config: CompressConfig, calib: Calibration | Non
             gram = calib.layers[name].gram if calib is not None and name in calib else None
             werr = None
             if isinstance(mod, nn.Linear):  # kept for the plan below if SVD wins
-                met = _metric(mod, name, calib, smoothing)
+                met = layer_metric(mod, name, calib, smoothing)
                 spec = whitened_spectrum(w, met if met is not None else Metric(), config.method, None)
                 auto_specs[name] = (met, spec)
                 werr = spec.relative_error(max(1, math.floor(frac0 * m * n / (m + n))))
@@ -155,7 +155,7 @@ def make_plan(model: nn.Module, config: CompressConfig, calib: Calibration | Non
         if be <= 1:
             lp.reason = "too small: no rank saves parameters (break-even 1): kept dense"
             continue
-        metric, spec = auto_specs.get(name) or (_metric(mod, name, calib, smoothing), None)
+        metric, spec = auto_specs.get(name) or (layer_metric(mod, name, calib, smoothing), None)
         method = config.method
         if whiten and config.method.name != "svd-whiten":  # matrix layers under tucker/cp/tt
             lp.method = "svd-whiten" if metric is not None else "svd"

@@ -25,6 +25,8 @@ class CompressionReport:
     source: str = ""
     output: str = ""
     plan: dict[str, Any] = field(default_factory=dict, repr=False)
+    recovery: dict[str, Any] | None = None
+    stats: Any = field(default=None, repr=False)  # the Calibration used (not serialised)
 
     @property
     def ratio(self) -> float:
@@ -51,6 +53,7 @@ class CompressionReport:
                        "worst_error_ratio": self.worst_error_ratio},
             "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
             "layers": [l.to_dict() for l in self.layers],
+            **({"recovery": self.recovery} if self.recovery is not None else {}),
         }
 
     def to_json(self) -> str:

@@ -763,3 +763,115 @@ def test_e2e_good_input(tmp_path: Path, mlp_inputs: Path) -> None:
     assert r.returncode == 0, r.stderr
     assert (out / "model.safetensors").is_file() and (out / "lrcompress.json").is_file()
     assert not leftovers(tmp_path)
+
+
+# --------------------------------------------------------------------------------------------
+# recovery (issue 4): recover / compress --recover-steps
+
+
+@pytest.fixture(scope="module")
+def token_ckpt(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A compressed tiny token model and its token data, outside each test's tmp_path."""
+    d = tmp_path_factory.mktemp("recover-inputs")
+    rng = np.random.default_rng(0)
+    ids = np.minimum(rng.zipf(1.3, size=(40, 10)), 199).astype(np.int64)
+    data = d / "tokens.npz"
+    np.savez(data, input_ids=ids, attention_mask=np.ones_like(ids))
+    ck = d / "ck"
+    with pytest.raises(SystemExit) as exc:
+        main(["compress", TOK, "--calib", str(data), "--ratio", "0.4", "-o", str(ck), "-q"])
+    assert exc.value.code in (0, None)
+    return ck, data
+
+
+RECOVER_CASES = {
+    "not-a-checkpoint": (lambda ck, t: ["recover", t, "--reference", TOK, "--data", "D", "-o", "O"],
+                         ["is not a compressed checkpoint"]),
+    "reference-mismatch": (lambda ck, t: ["recover", ck, "--reference", MLP, "--data", "D", "-o", "O"],
+                           ["--reference", "compressed from"]),
+    "too-few-examples": (lambda ck, t: ["recover", ck, "--reference", TOK, "--data", "D", "-o", "O",
+                                        "--batch-size", "64"], ["fewer than one batch", "--batch-size 64"]),
+    "lora-rank-0": (lambda ck, t: ["recover", ck, "--reference", TOK, "--data", "D", "-o", "O",
+                                   "--train", "lora", "--lora-rank", "0"], ["--lora-rank 0", ">= 1"]),
+    "lora-rank-too-large": (lambda ck, t: ["recover", ck, "--reference", TOK, "--data", "D", "-o", "O",
+                                           "--train", "both", "--lora-rank", "500"], ["--lora-rank 500", "too large"]),
+    "lr-zero": (lambda ck, t: ["recover", ck, "--reference", TOK, "--data", "D", "-o", "O", "--lr", "0"],
+                ["--lr 0", "> 0"]),
+    "lr-negative": (lambda ck, t: ["recover", ck, "--reference", TOK, "--data", "D", "-o", "O", "--lr", "-1e-4"],
+                    ["--lr", "> 0"]),
+    "lr-nan": (lambda ck, t: ["recover", ck, "--reference", TOK, "--data", "D", "-o", "O", "--lr", "nan"],
+               ["--lr", "finite"]),
+    "lr-text": (lambda ck, t: ["recover", ck, "--reference", TOK, "--data", "D", "-o", "O", "--lr", "fast"],
+                ["--lr 'fast'", "not a number"]),
+    "train-mode": (lambda ck, t: ["recover", ck, "--reference", TOK, "--data", "D", "-o", "O", "--train", "adapters"],
+                   ["--train 'adapters'", "factors, lora, both, all"]),
+    "fold-mode": (lambda ck, t: ["recover", ck, "--reference", TOK, "--data", "D", "-o", "O", "--fold", "never"],
+                  ["--fold 'never'", "budget, exact"]),
+    "eval-fraction": (lambda ck, t: ["recover", ck, "--reference", TOK, "--data", "D", "-o", "O",
+                                     "--eval-fraction", "1.5"], ["--eval-fraction 1.5", "(0, 1)"]),
+    "rank-schedule-syntax": (lambda ck, t: ["recover", ck, "--reference", TOK, "--data", "D", "-o", "O",
+                                            "--train", "both", "--rank-schedule", "200-16"], ["STEP:RANK"]),
+    "rank-schedule-shrinks": (lambda ck, t: ["recover", ck, "--reference", TOK, "--data", "D", "-o", "O",
+                                             "--train", "both", "--rank-schedule", "10:4,5:8"], ["increasing steps"]),
+    "rank-schedule-no-lora": (lambda ck, t: ["recover", ck, "--reference", TOK, "--data", "D", "-o", "O",
+                                             "--rank-schedule", "10:16"], ["--train both"]),
+    "loss-term": (lambda ck, t: ["recover", ck, "--reference", TOK, "--data", "D", "-o", "O", "--loss", "hidden,l1"],
+                  ["--loss", "hidden, pooled, kl"]),
+    "steps-zero": (lambda ck, t: ["recover", ck, "--reference", TOK, "--data", "D", "-o", "O", "--steps", "0"],
+                   ["--steps 0", ">= 1"]),
+    "resume-without-state": (lambda ck, t: ["recover", ck, "--reference", TOK, "--data", "D", "-o", "O", "--resume"],
+                             ["--resume", "no recovery state"]),
+    "output-is-input": (lambda ck, t: ["recover", ck, "--reference", TOK, "--data", "D", "-o", ck, "--overwrite"],
+                        ["is the input checkpoint"]),
+    "compress-negative-steps": (lambda ck, t: ["compress", TOK, "--calib", "D", "--ratio", "0.5", "-o", "O",
+                                               "--recover-steps", "-3"], ["--recover-steps -3", ">= 0"]),
+    "compress-recover-without-data": (lambda ck, t: ["compress", TOK, "--method", "svd", "--ratio", "0.5", "-o", "O",
+                                                     "--recover-steps", "10"], ["--recover-steps needs", "--calib"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(RECOVER_CASES))
+def test_recover_bad_input(case: str, token_ckpt: tuple[Path, Path], tmp_path: Path,
+                           capsys: pytest.CaptureFixture) -> None:
+    ck, data = token_ckpt
+    build, contains = RECOVER_CASES[case]
+    small = tmp_path / "small.npz"
+    if case == "too-few-examples":
+        np.savez(small, input_ids=np.ones((20, 6), np.int64))
+    argv = [str(a) for a in build(ck, tmp_path)]
+    argv = [str(small if case == "too-few-examples" else data) if a == "D" else str(tmp_path / "out") if a == "O"
+            else a for a in argv]
+    before_ck = snapshot(ck)
+    expect_user_error(argv, capsys, tmp_path, contains, out=tmp_path / "out")
+    assert snapshot(ck) == before_ck
+
+
+def test_recover_mismatched_or_corrupt_state(token_ckpt: tuple[Path, Path], tmp_path: Path,
+                                             capsys: pytest.CaptureFixture) -> None:
+    ck, data = token_ckpt
+    state = tmp_path / "out.recover-state.pt"
+    argv = ["recover", ck, "--reference", TOK, "--data", data, "-o", tmp_path / "out", "--resume", "--steps", "5"]
+    torch.save({"fingerprint": "another run", "step": 3}, state)
+    expect_user_error(argv, capsys, tmp_path, ["belongs to another run", "without --resume"])
+    state.write_bytes(b"not a torch file")
+    expect_user_error(argv, capsys, tmp_path, ["unreadable", "without --resume"])
+
+
+def test_recover_nan_loss_stops_and_keeps_last_good_state(token_ckpt: tuple[Path, Path], tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture) -> None:
+    ck, data = token_ckpt
+    out = tmp_path / "out"
+    code, stdout, err = run_main(["recover", ck, "--reference", TOK, "--data", data, "-o", out, "--steps", "20",
+                                  "--batch-size", "8", "--lr", "1e30", "--clip", "1e30", "-q"], capsys)
+    check_error_text(code, err, ["NaN", "step", "lower --lr", "kept in"])
+    assert stdout == "" and not out.exists() and not leftovers(tmp_path)
+    assert snapshot(tmp_path) == {"out.recover-state.pt"}  # the last good state, named in the message
+
+
+def test_recover_pooled_loss_needs_token_outputs(tmp_path: Path, mlp_inputs: Path,
+                                                 capsys: pytest.CaptureFixture) -> None:
+    ck = tmp_path.parent / f"{tmp_path.name}-mlp-ck"
+    code, _, err = run_main(["compress", MLP, "--calib", mlp_inputs, "--ratio", "0.5", "-o", ck, "-q"], capsys)
+    assert code == 0, err
+    expect_user_error(["recover", ck, "--reference", MLP, "--data", mlp_inputs, "-o", tmp_path / "out",
+                       "--loss", "pooled"], capsys, tmp_path, ["--loss pooled", "use --loss hidden"])
