@@ -2,11 +2,12 @@
 
 from .calibrate import Calibration, calibrate
 from .checkpoint import load, save
-from .config import CompressConfig, SVDConfig, WhitenedSVDConfig, method_config
+from .config import CompressConfig, RecoveryConfig, SVDConfig, WhitenedSVDConfig, method_config
 from .data import TensorData, TextData, open_data
 from .errors import LrcompressError
 from .inspection import inspect
 from .pipeline import compress, compress_, plan
+from .recovery import RecoveryReport, recover
 from .report import CompressionReport
 from .sources import resolve
 
@@ -17,6 +18,8 @@ __all__ = [
     "CompressConfig",
     "CompressionReport",
     "LrcompressError",
+    "RecoveryConfig",
+    "RecoveryReport",
     "SVDConfig",
     "TensorData",
     "TextData",
@@ -29,6 +32,7 @@ __all__ = [
     "method_config",
     "open_data",
     "plan",
+    "recover",
     "resolve",
     "save",
 ]

@@ -72,7 +72,7 @@ calib_options = [
 
 recover_options = [
     click.option("--lora-rank", type=int, default=8, show_default=True, help="Adapter rank per factorized layer."),
-    click.option("--lr", type=str, default="1e-4", show_default=True, help="Peak AdamW learning rate."),
+    click.option("--lr", type=str, default="3e-4", show_default=True, help="Peak AdamW learning rate."),
     click.option("--train", "train_mode", type=str, default="factors", show_default=True,
                  help="factors | lora | both: what recovery trains."),
     click.option("--init", "lora_init", type=str, default="residual", show_default=True,
@@ -91,6 +91,8 @@ recover_options = [
     click.option("--ortho-weight", type=str, default="0", show_default=True,
                  help="Weight of the orthogonality penalty on factor bases."),
     click.option("--rank-schedule", type=str, default=None, help="Grow adapters: STEP:RANK,... e.g. 200:16,500:32."),
+    click.option("--augment", type=str, default="0", show_default=True,
+                 help="Share of text tokens replaced by random vocabulary tokens in training batches."),
     click.option("--warmup", type=int, default=None, help="Warm-up steps (default: 5 % of the steps)."),
     click.option("--weight-decay", type=str, default="0", show_default=True),
     click.option("--clip", type=str, default="1.0", show_default=True, help="Gradient-norm clipping."),
@@ -124,7 +126,8 @@ def _recovery_config(steps: int, kw: dict[str, Any], batch_size: int, max_length
         loss=tuple(t.strip() for t in loss.split(",")) if loss else (),
         feature_weight=_parse_number("--feature-weight", kw.pop("feature_weight"), float),
         ortho_weight=_parse_number("--ortho-weight", kw.pop("ortho_weight"), float),
-        rank_schedule=pairs, bf16=kw.pop("bf16"), seed=seed)
+        rank_schedule=pairs, augment=_parse_number("--augment", kw.pop("augment"), float), bf16=kw.pop("bf16"),
+        seed=seed)
 
 
 def _state_path(output: str, state_file: str | None) -> Any:

@@ -282,13 +282,15 @@ class RecoveryConfig:
     ("budget") or exactly, at rank r + lora_rank ("exact"). loss: terms among "hidden"
     (per-token cosine + normalised MSE of the output), "pooled" (cosine of the masked mean
     over tokens), "kl" (KL divergence of softmax outputs, for logits); empty = hidden+pooled
-    for token outputs, hidden otherwise. rank_schedule: ((step, total_lora_rank), ...) grows
+    for token outputs, hidden otherwise. augment: share of the real tokens of each text
+    training batch replaced by random vocabulary tokens (the teacher labels any input, so
+    this widens the data the student is matched on). rank_schedule: ((step, total_lora_rank), ...) grows
     the adapters at those steps. dropout: run the student in train mode (off by default:
     dropout noise against a deterministic teacher measurably hurts).
     """
 
     steps: int = 300
-    lr: float = 1e-4
+    lr: float = 3e-4
     lora_rank: int = 8
     train: str = "factors"
     init: str = "residual"
@@ -306,8 +308,10 @@ class RecoveryConfig:
     feature_weight: float = 0.0
     ortho_weight: float = 0.0
     rank_schedule: tuple[tuple[int, int], ...] = ()
+    augment: float = 0.0
     bf16: bool = False
     dropout: bool = False
+    balance: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -331,6 +335,10 @@ class RecoveryConfig:
             raise ConfigError(f"--clip {self.clip!r} must be > 0 (the gradient-norm limit); e.g. --clip 1.0")
         if _check_number("--init-scale", self.init_scale) == 0 and self.init == "residual":
             raise ConfigError("--init-scale 0 with --init residual is zero init; use --init zero")
+        a = _check_number("--augment", self.augment)
+        if not 0.0 <= a < 1.0:
+            raise ConfigError(f"--augment {self.augment!r} is outside [0, 1); it is the share of tokens replaced "
+                              "by random ones, e.g. 0.15 (0 = off)")
         f = _check_number("--eval-fraction", self.eval_fraction)
         if not 0.0 < f < 1.0:
             raise ConfigError(f"--eval-fraction {self.eval_fraction!r} is outside (0, 1); it is the share of "

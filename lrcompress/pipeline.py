@@ -11,7 +11,7 @@ from torch import nn
 
 from .apply import apply_plan
 from .calibrate import Calibration, calibrate
-from .config import CompressConfig
+from .config import CompressConfig, RecoveryConfig
 from .data import Batch, TensorData, TextData
 from .errors import ConfigError
 from .planning import Plan, make_plan
@@ -98,9 +98,21 @@ def compress_(model: nn.Module, config: CompressConfig, calibration: Calibration
     return report
 
 
-def compress(model: nn.Module, config: CompressConfig, calibration: CalibrationLike = None,
-             **kwargs: Any) -> tuple[nn.Module, CompressionReport]:
-    """Compress a copy of ``model``; the original is untouched."""
+def compress(model: nn.Module, config: CompressConfig, calibration: CalibrationLike = None, *,
+             recovery: RecoveryConfig | None = None, recovery_data: TextData | TensorData | None = None,
+             eval_data: TextData | TensorData | None = None, **kwargs: Any) -> tuple[nn.Module, CompressionReport]:
+    """Compress a copy of ``model``; the original is untouched. With ``recovery`` the copy is
+    then distilled against ``model`` on ``recovery_data`` (default: the calibration data)."""
     student = copy.deepcopy(model)
     report = compress_(student, config, calibration, **kwargs)
+    if recovery is not None:
+        from .recovery import recover
+        train = recovery_data if recovery_data is not None else calibration
+        if not isinstance(train, (TextData, TensorData)):
+            raise ConfigError("recovery needs training data as TextData or TensorData; pass recovery_data=")
+        rep = recover(student, model, train, recovery, eval_data=eval_data, calibration=report.stats,
+                      device=kwargs.get("device", "cpu"))
+        report.recovery = rep.to_dict()
+        report.params_after = sum(q.numel() for q in student.parameters())
+        report.bytes_after = param_bytes(student)
     return student, report

@@ -176,6 +176,20 @@ def fixed_batches(data: Data, batch_size: int, seed: int) -> list[list[int]]:
     return [order[i:i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)]
 
 
+def replace_tokens(batch: Batch, tokenizer: Any, share: float, seed: int) -> Batch:
+    """Replace ``share`` of the real, non-special tokens by random vocabulary tokens."""
+    ids = batch.inputs.get("input_ids")
+    if ids is None or batch.mask is None:
+        return batch
+    g = torch.Generator().manual_seed(seed)
+    special = torch.tensor(sorted(set(getattr(tokenizer, "all_special_ids", []))), dtype=ids.dtype)
+    pick = (torch.rand(ids.shape, generator=g) < share) & batch.mask & ~torch.isin(ids, special)
+    vocab = int(getattr(tokenizer, "vocab_size", 0) or len(tokenizer))
+    new = torch.randint(0, vocab, ids.shape, generator=g, dtype=ids.dtype)
+    new = torch.where(torch.isin(new, special), ids, new)
+    return Batch({**batch.inputs, "input_ids": torch.where(pick, new, ids)}, batch.mask)
+
+
 def make_batch(data: Data, idx: list[int]) -> Batch:
     return next(iter(_subset(data, idx).batches(len(idx))))
 
@@ -301,14 +315,19 @@ class _Trainer:
         epoch, pos = divmod(step, n)
         order = torch.randperm(n, generator=torch.Generator().manual_seed(self.c.seed * 1000003 + epoch)).tolist()
         bid = order[pos]
-        return bid, make_batch(self.train, self.shard(self.batches[bid])).to(self.device)
+        batch = make_batch(self.train, self.shard(self.batches[bid]))
+        if self.c.augment and isinstance(self.train, TextData):
+            batch = replace_tokens(batch, self.train.tokenizer, self.c.augment,
+                                   self.c.seed * 1000003 + step * 101 + self.rank)
+        return bid, batch.to(self.device)
 
     @torch.no_grad()
     def teacher_out(self, bid: int | None, batch: Batch) -> torch.Tensor:
-        if bid is not None and bid in self.cache and not self.c.feature_weight:
+        cacheable = bid is not None and not self.c.feature_weight and not self.c.augment
+        if cacheable and bid in self.cache:
             return self.cache[bid]
         out = main_output(batch.run(self.teacher)).detach()
-        if bid is not None and not self.c.feature_weight:
+        if cacheable:
             self.cache[bid] = out
         return out
 
@@ -410,9 +429,27 @@ def recover(student: nn.Module, teacher: nn.Module, data: Data, config: Recovery
             progress: Callable[[int, dict[str, Any]], None] | None = None) -> RecoveryReport:
     """Distil ``student`` (a compressed model, changed in place) against ``teacher`` on
     ``data``; adapters are folded back before returning. ``state_path`` keeps a resumable
-    state at every evaluation (removed on success); ``resume`` continues from it."""
+    state at every evaluation (the caller deletes it once the result is saved); ``resume``
+    continues from it. The teacher is left as it was (mode, requires_grad)."""
+    flags, mode = [p.requires_grad for p in teacher.parameters()], teacher.training
+    try:
+        return _recover(student, teacher, data, config, eval_data=eval_data, calibration=calibration, device=device,
+                        state_path=state_path, resume=resume, progress=progress)
+    finally:  # the teacher is the caller's model: leave it as it was
+        for p, f in zip(teacher.parameters(), flags):
+            p.requires_grad_(f)
+        teacher.train(mode)
+
+
+def _recover(student: nn.Module, teacher: nn.Module, data: Data, config: RecoveryConfig, *,
+            eval_data: Data | None = None, calibration: Calibration | None = None,
+            device: str | torch.device = "cpu", state_path: str | Path | None = None, resume: bool = False,
+            progress: Callable[[int, dict[str, Any]], None] | None = None) -> RecoveryReport:
     device = torch.device(device)
     rank, world = dist_info()
+    if world > 1 and config.rank_schedule:
+        raise ConfigError("--rank-schedule is not supported under torchrun (DistributedDataParallel cannot add "
+                          "parameters mid-run); drop it or run in one process")
     if config.batch_size % world:
         raise ConfigError(f"--batch-size {config.batch_size} is not divisible by the {world} processes; use a "
                           f"multiple of {world}")
@@ -446,7 +483,7 @@ def recover(student: nn.Module, teacher: nn.Module, data: Data, config: Recovery
     # balanced gauge before training (Adam steps are scale-blind: an unbalanced pair moves
     # its small factor by a huge relative amount)
     from .apply import set_module
-    for n in matrix:
+    for n in matrix if config.balance else []:
         mod = student.get_submodule(n)
         new = set_factors(mod, *balance(*factors(mod))).to(device)
         set_module(student, n, new)
@@ -655,9 +692,10 @@ def _load_state(path: str | Path | None, fp: str, student: nn.Module, opt: torch
         raise ConfigError(f"recovery state {str(path)!r} belongs to another run (different model, data or "
                           "settings); delete it or run without --resume")
     ranks = blob["lora_ranks"]
-    for n, lora in adapters.items():
-        extra = ranks.get(n, [])[len(lora.ups):]
-        for k in extra:  # the rank schedule had grown the adapters before the interruption
+    chunks = max((len(v) for v in ranks.values()), default=0)
+    for j in range(min(len(l.ups) for l in adapters.values()) if adapters else 0, chunks):
+        for n, lora in adapters.items():  # re-grow what the rank schedule had added, in the same order
+            k = ranks[n][j]
             a, b = factors(lora.base)
             u, d = lora.grow(torch.zeros(a.shape[0], k), torch.zeros(k, b.shape[1]))
             opt.add_param_group({"params": [u, d], "lr": opt.defaults["lr"], "weight_decay": opt.defaults["weight_decay"]})

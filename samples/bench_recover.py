@@ -22,17 +22,19 @@ import torch
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 
-RUNS = {  # name -> RecoveryConfig overrides
+RUNS = {  # name -> RecoveryConfig overrides ("_skew": move factors out of the balanced gauge first)
     "factors": {"train": "factors"},
-    "factors-lr3e-4": {"train": "factors", "lr": 3e-4},
-    "all-lr3e-4": {"train": "all", "lr": 3e-4, "lora_rank": 8},
-    "all-lr1e-4": {"train": "all", "lr": 1e-4, "lora_rank": 8},
+    "all": {"train": "all"},
+    "factors+augment": {"train": "factors", "augment": 0.15},
     "both-residual": {"train": "both", "init": "residual"},
     "lora-residual": {"train": "lora", "init": "residual", "fold": "exact", "lr": 1e-3},
     "lora-zero": {"train": "lora", "init": "zero", "fold": "exact", "lr": 1e-3},
-    "factors-dropout": {"train": "factors", "dropout": True},
-    "factors-unbalanced": {"train": "factors", "_unbalance": 100.0},
-    "factors-wd-lr2e-4": {"train": "factors", "weight_decay": 0.01, "lr": 2e-4},
+    # ablations of the collapse reported in the issue (dropout, gauge, weight decay)
+    "factors+dropout": {"train": "factors", "dropout": True},
+    "factors+unbalanced": {"train": "factors", "balance": False, "_skew": 100.0},
+    "factors+wd0.01": {"train": "factors", "weight_decay": 0.01},
+    "issue-script": {"train": "factors", "dropout": True, "weight_decay": 0.01, "lr": 2e-4, "balance": False,
+                     "_skew": 100.0},
 }
 
 
@@ -59,24 +61,31 @@ def main() -> None:
     train_lines = read_lines(HERE / "train.txt")
     held = read_lines(HERE / "eval.txt")
     ref = embed(teacher, tok, held, args.max_length)
+    seen = train_lines[:500]  # trained on (except the recovery's own 10 % early-stopping split)
+    ref_seen = embed(teacher, tok, seen, args.max_length)
+
+    def train_cos(model) -> float:
+        return drift(ref_seen, embed(model, tok, seen, args.max_length))["cos_mean"]
     rows = []
+    curves: dict = {}
     for ratio in [float(r) for r in args.ratios.split(",")]:
         cfg = lrcompress.CompressConfig(method=lrcompress.method_config("svd-whiten"), ratio=ratio, scope="model")
         t = time.perf_counter()
         base, rep = lrcompress.compress(teacher, cfg, TextData(train_lines[:256], tok, args.max_length))
         print(f"compressed to {rep.ratio:.3f} of params in {time.perf_counter() - t:.1f} s", file=sys.stderr)
         d0 = drift(ref, embed(base, tok, held, args.max_length))
+        d0["train_cos"] = train_cos(base)
         rows.append((ratio, "none", 0, d0, 0.0, rep.params_after))
         print(fmt(rows[-1]), flush=True)
         for run in args.runs.split(","):
             over = dict(RUNS[run])
-            unbalance = over.pop("_unbalance", None)
+            unbalance = over.pop("_skew", None)
             if args.lr is not None:
                 over["lr"] = args.lr
             student = copy.deepcopy(base)
             if unbalance:
                 skew(student, unbalance)
-            rc = RecoveryConfig(steps=marks[-1], eval_every=max(marks[-1] // 10, 10), batch_size=args.batch_size,
+            rc = RecoveryConfig(steps=marks[-1], eval_every=max(marks[-1] // 20, 10), batch_size=args.batch_size,
                                 max_length=args.max_length, patience=0, **over)
             clock = {"t": time.perf_counter(), "prev": 0}
 
@@ -85,6 +94,7 @@ def main() -> None:
                     return
                 sec = (time.perf_counter() - clock["t"]) / (step - clock["prev"])
                 d = drift(ref, embed(student, tok, held, args.max_length))
+                d["train_cos"] = train_cos(student)
                 student.train(rc.dropout)
                 rows.append((ratio, run + " (unfolded)" * rc.uses_lora, step, d, sec, None))
                 print(fmt(rows[-1]), flush=True)
@@ -93,17 +103,28 @@ def main() -> None:
             rep2 = recover(student, teacher, TextData(train_lines, tok, args.max_length), rc, progress=at_mark)
             sec = (time.perf_counter() - clock["t"]) / max(rep2.steps - clock["prev"], 1)
             d = drift(ref, embed(student, tok, held, args.max_length))
+            d["train_cos"] = train_cos(student)
             rows.append((ratio, run, rep2.steps, d, sec, rep2.params_after))
             print(fmt(rows[-1]), f"best step {rep2.best_step}", flush=True)
+            curves[(ratio, run)] = [(c["step"], c["loss"]) for c in rep2.curve if "cos_mean" in c]
     print()
-    print(f"{'kept':>5} {'recovery':>30} {'steps':>6} {'cos mean':>9} {'cos worst':>9} {'nn@10':>6} {'s/step':>7} {'params':>11}")
+    print(f"{'kept':>5} {'recovery':>30} {'steps':>6} {'cos mean':>9} {'cos worst':>9} {'nn@10':>6} {'train cos':>9} {'s/step':>7} {'params':>11}")
     for row in rows:
         print(fmt(row))
+    for (ratio, run), curve in curves.items():  # residual vs zero init on the recovery's own held-out split
+        if run.endswith("-residual") and (ratio, run.replace("residual", "zero")) in curves:
+            zero = curves[(ratio, run.replace("residual", "zero"))]
+            target = min(loss for _, loss in zero)
+            hit = next((s for s, loss in curve if loss <= target), None)
+            print(f"{ratio:.2f} {run}: reaches zero init's best held-out loss {target:.5f} (step "
+                  f"{min(zero, key=lambda c: c[1])[0]}) at step {hit} "
+                  f"({'never' if hit is None else f'{hit / zero[-1][0]:.0%} of the steps'})")
 
 
 def fmt(row: tuple) -> str:
     ratio, run, steps, d, sec, params = row
     return (f"{ratio:5.2f} {run:>30} {steps:6d} {d['cos_mean']:9.4f} {d['cos_worst']:9.4f} {d['nn10']:6.3f} "
+            f"{d['train_cos']:9.4f} "
             f"{sec:7.3f} {params or 0:11,}")
 
 

@@ -817,6 +817,8 @@ RECOVER_CASES = {
                                              "--rank-schedule", "10:16"], ["--train both"]),
     "loss-term": (lambda ck, t: ["recover", ck, "--reference", TOK, "--data", "D", "-o", "O", "--loss", "hidden,l1"],
                   ["--loss", "hidden, pooled, kl"]),
+    "augment-range": (lambda ck, t: ["recover", ck, "--reference", TOK, "--data", "D", "-o", "O", "--augment", "1"],
+                      ["--augment 1.0", "[0, 1)"]),
     "steps-zero": (lambda ck, t: ["recover", ck, "--reference", TOK, "--data", "D", "-o", "O", "--steps", "0"],
                    ["--steps 0", ">= 1"]),
     "resume-without-state": (lambda ck, t: ["recover", ck, "--reference", TOK, "--data", "D", "-o", "O", "--resume"],

@@ -90,7 +90,7 @@ def test_budget_fold_is_the_metric_optimal_truncation():
     lora = LoRA(base)
     lora.grow(torch.randn(11, 3, generator=g, dtype=torch.float64), torch.randn(3, 14, generator=g, dtype=torch.float64))
     a, b = factors(base)
-    u, d = lora.delta()
+    u, d = (t.detach() for t in lora.delta())
     dense = a @ b + u.double() @ d.double()
     folded = fold(lora, rank=4, metric=metric)
     fa, fb = factors(folded)
@@ -188,7 +188,7 @@ def test_recovery_is_deterministic(token_inputs):
 def test_resume_after_interruption_matches_uninterrupted(token_inputs, tmp_path):
     student, teacher, data = _toy(token_inputs)
     rc = RecoveryConfig(steps=24, lr=3e-3, train="both", lora_rank=2, batch_size=8, eval_every=5, patience=0,
-                        rank_schedule=((7, 3),))
+                        rank_schedule=((7, 3), (9, 4)))
     straight = copy.deepcopy(student)
     recover(straight, teacher, data, rc)
     state = tmp_path / "state.pt"
@@ -288,6 +288,8 @@ def test_torchrun_two_processes_match_single_process(tmp_path, token_inputs, cap
     for (n, a), (_, b) in zip(one.state_dict().items(), two.state_dict().items()):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4, msg=n)
     assert not (tmp_path / "two.recover-state.pt").exists()
+    assert json.loads((tmp_path / "two" / "recovery.json").read_text())["world_size"] == 2
+    assert json.loads((tmp_path / "one" / "recovery.json").read_text())["world_size"] == 1
 
 
 @needs_minilm
@@ -305,3 +307,79 @@ def test_minilm_recovery_improves_held_out_cosine(tmp_path, capsys):
     rep = recover(student, loaded.model, TextData(lines[:240], tok, 64), rc, eval_data=TextData(held, tok, 64))
     assert rep.after_fold["cos_mean"] > rep.before["cos_mean"] + 0.01
     assert rep.params_after == rep.params_before
+
+
+def test_ortho_penalty_zero_for_svd_factors_positive_after_rotation():
+    from lrcompress.recovery import ortho_penalty
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(10, 12, generator=g, dtype=torch.float64)
+    lin = _lowrank_linear(w, Metric(), 4)
+    model = nn.Sequential(lin)
+    assert float(ortho_penalty(model).detach()) < 1e-20
+    q, _ = torch.linalg.qr(torch.randn(4, 4, generator=g, dtype=torch.float64))
+    with torch.no_grad():  # same product, rotated gauge: the bases are no longer orthogonal
+        lin.second.weight.copy_(lin.second.weight @ (q * torch.tensor([1.0, 2.0, 0.5, 3.0], dtype=torch.float64)))
+        lin.first.weight.copy_(torch.linalg.solve(q * torch.tensor([1.0, 2.0, 0.5, 3.0], dtype=torch.float64),
+                                                  lin.first.weight))
+    torch.testing.assert_close(lin.second.weight @ lin.first.weight, factors(_lowrank_linear(w, Metric(), 4))[0]
+                               @ factors(_lowrank_linear(w, Metric(), 4))[1])
+    assert float(ortho_penalty(model).detach()) > 1e-3
+
+
+@pytest.mark.parametrize("extra", [{"feature_weight": 1.0}, {"ortho_weight": 0.1}, {"bf16": True},
+                                   {"loss": ("hidden",)}, {"train": "all"}])
+def test_recovery_options_train(token_inputs, extra):
+    student, teacher, data = _toy(token_inputs)
+    rc = RecoveryConfig(steps=40, lr=3e-3, batch_size=8, eval_every=20, patience=0, **extra)
+    rep = recover(student, teacher, data, rc)
+    assert rep.after_fold["loss"] < 0.9 * rep.before["loss"]
+    assert rep.steps == 40
+
+
+def test_replace_tokens_keeps_specials_and_padding():
+    from lrcompress.data import Batch
+    from lrcompress.recovery import replace_tokens
+
+    class Tok:
+        all_special_ids = [0, 101, 102]
+        vocab_size = 1000
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(200, 1000, (8, 50), generator=g)
+    ids[:, 0], ids[:, -1] = 101, 102
+    mask = torch.ones(8, 50, dtype=torch.bool)
+    mask[::2, 30:] = False
+    ids[~mask] = 0
+    b = Batch({"input_ids": ids, "attention_mask": mask.long()}, mask)
+    out = replace_tokens(b, Tok(), 0.25, 7).inputs["input_ids"]
+    changed = out != ids
+    assert not changed[~mask].any() and not changed[:, 0].any()
+    assert (out[:, 0] == 101).all() and not torch.isin(out[mask & changed], torch.tensor([0, 101, 102])).any()
+    share = changed[mask].float().mean().item()
+    assert 0.18 < share < 0.3
+    assert torch.equal(out, replace_tokens(b, Tok(), 0.25, 7).inputs["input_ids"])  # seeded
+
+
+def test_python_api_compress_with_recovery(token_inputs):
+    teacher = tiny_token_model().eval()
+    data = read_tensors(token_inputs)
+    cfg = lrcompress.CompressConfig(method=lrcompress.method_config("svd-whiten"), ratio=0.4, probe_passes=0)
+    plain, _ = lrcompress.compress(teacher, cfg, data)
+    small, report = lrcompress.compress(teacher, cfg, data, recovery=lrcompress.RecoveryConfig(
+        steps=30, lr=3e-3, batch_size=8, eval_every=10, patience=0))
+    rec = report.recovery
+    assert rec["after_fold"]["loss"] < rec["before"]["loss"]
+    assert report.params_after == sum(p.numel() for p in plain.parameters())
+    assert "recovery" in json.loads(report.to_json())
+    x = next(data.batches(16))
+    with torch.no_grad():  # the original is untouched
+        torch.testing.assert_close(x.run(teacher), x.run(tiny_token_model().eval()))
+    assert all(p.requires_grad for p in teacher.parameters()) and not teacher.training
+
+
+def test_early_stop_on_plateau_keeps_best(token_inputs):
+    student, teacher, data = _toy(token_inputs)
+    rc = RecoveryConfig(steps=50, lr=1e-12, batch_size=8, eval_every=2, patience=2, warmup=0)
+    rep = recover(student, teacher, data, rc)
+    assert rep.steps == 4 and rep.stopped.startswith("early stop")
+    assert rep.best_step == 0 and rep.after_fold["loss"] == pytest.approx(rep.before["loss"], rel=1e-5)
