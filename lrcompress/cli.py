@@ -158,6 +158,11 @@ def _run_recovery(student: Any, teacher: Any, rc: Any, data: Any, eval_path: str
     try:
         return recover(student, teacher, data, rc, eval_data=eval_data, calibration=calibration, device=device,
                        state_path=state, resume=resume, progress=progress)
+    except KeyboardInterrupt:
+        if rank == 0 and state.is_file():
+            click.echo(f"recovery interrupted; its last evaluated state is in {state}: re-run the same command "
+                       "with --resume to continue", err=True)
+        raise
     finally:
         bar.close()
 

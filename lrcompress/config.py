@@ -15,6 +15,13 @@ SCOPES = ("targets", "model")
 SOLVERS = ("exact", "randomized")
 
 
+def _check_keys(cls: type, d: dict[str, Any], what: str) -> None:
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ConfigError(f"unknown {what} keys {unknown}; allowed: {sorted(known)}")
+
+
 def _check_number(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ConfigError(f"{name}={value!r} is not a finite number; give e.g. {name}=0.5")
@@ -245,10 +252,7 @@ class CompressConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "CompressConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"unknown config keys {unknown}; allowed: {sorted(known)}")
+        _check_keys(cls, d, "config")
         d = dict(d)
         m = dict(d.pop("method", {"name": "svd-whiten"}))
         name = m.pop("name", "svd-whiten")
@@ -382,10 +386,7 @@ class RecoveryConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "RecoveryConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"unknown recovery keys {unknown}; allowed: {sorted(known)}")
+        _check_keys(cls, d, "recovery")
         d = dict(d)
         d["loss"] = tuple(d.get("loss", ()))
         d["rank_schedule"] = tuple(tuple(p) for p in d.get("rank_schedule", ()))

@@ -478,7 +478,7 @@ def _recover(student: nn.Module, teacher: nn.Module, data: Data, config: Recover
     params_before = sum(p.numel() for p in student.parameters())
 
     metrics: dict[str, Metric | None] = {n: None for n in matrix}
-    if matrix and (config.uses_lora and config.init == "residual" or config.uses_lora and config.fold == "budget"):
+    if matrix and config.uses_lora and (config.init == "residual" or config.fold == "budget"):
         metrics = layer_metrics(teacher, matrix, train, calibration, config, device)
     # balanced gauge before training (Adam steps are scale-blind: an unbalanced pair moves
     # its small factor by a huge relative amount)
@@ -660,9 +660,13 @@ def _snapshot(params: list[nn.Parameter]) -> list[torch.Tensor]:
 
 
 def _restore(params: list[nn.Parameter], state: list[torch.Tensor]) -> None:
+    """Load a snapshot; adapter chunks grown after it (the tail of ``params``) are zeroed,
+    which is what they contributed at the snapshot: nothing."""
     with torch.no_grad():
         for p, s in zip(params, state):
             p.copy_(s)
+        for p in params[len(state):]:
+            p.zero_()
 
 
 def _save_state(path: str | Path, fp: str, step: int, student: nn.Module, opt: torch.optim.Optimizer | None,

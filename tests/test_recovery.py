@@ -383,3 +383,12 @@ def test_early_stop_on_plateau_keeps_best(token_inputs):
     rep = recover(student, teacher, data, rc)
     assert rep.steps == 4 and rep.stopped.startswith("early stop")
     assert rep.best_step == 0 and rep.after_fold["loss"] == pytest.approx(rep.before["loss"], rel=1e-5)
+
+
+def test_recovery_config_round_trips_through_json():
+    rc = RecoveryConfig(steps=50, lr=1e-3, train="both", loss=("hidden", "kl"), rank_schedule=((10, 12), (20, 16)),
+                        augment=0.1, warmup=3)
+    back = RecoveryConfig.from_dict(json.loads(json.dumps(rc.to_dict())))
+    assert back == rc
+    with pytest.raises(lrcompress.LrcompressError, match="unknown recovery keys"):
+        RecoveryConfig.from_dict({"stepz": 3})
