@@ -443,6 +443,47 @@ def recover(checkpoint: str, reference: str, data_path: str, output: str, steps:
         click.echo(f"wrote {output}")
 
 
+@cli.command()
+@click.argument("source")
+@click.option("--to", "targets", multiple=True, help="onnx | ort | coreml (repeatable).")
+@click.option("-o", "--output", "output", type=str, default=None,
+              help="Output folder (default: SOURCE-export beside a folder source, else ./NAME-export).")
+@click.option("--fp16", is_flag=True, help="ONNX/ORT weights in fp16 where safe (Core ML is fp16 by default).")
+@click.option("--fp32", is_flag=True, help="Core ML in fp32 compute precision.")
+@click.option("--quantize", type=str, default=None, help="int8: dynamic weight quantization of the ONNX (and .ort).")
+@click.option("--opset", type=int, default=18, show_default=True)
+@click.option("--inputs", "inputs_file", type=str, default=None,
+              help="Example inputs (.npy/.npz/.safetensors) for models without a tokenizer.")
+@click.option("--max-length", type=int, default=128, show_default=True, help="Tokens of the sample sentence.")
+@_apply(source_options)
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("-q", "--quiet", is_flag=True)
+def export(source: str, targets: tuple, output: str | None, fp16: bool, fp32: bool, quantize: str | None, opset: int,
+           inputs_file: str | None, max_length: int, weights: str | None, trust_pickle: bool, overwrite: bool,
+           as_json: bool, quiet: bool) -> None:
+    """Export SOURCE (a compressed folder or any model source) to edge formats."""
+    from pathlib import Path
+
+    from .edge import TARGETS, example_inputs, export_all, export_table
+    from .sources import resolve
+
+    if not targets:
+        raise ConfigError(f"no --to target given; pass one or more of {', '.join(TARGETS)}, e.g. --to onnx --to ort")
+    if output is None:
+        p = Path(source)
+        output = str(p.parent / f"{p.name}-export") if p.exists() else f"{source.replace(':', '_').replace('/', '_')}-export"
+    loaded = resolve(source, weights=weights, trust_pickle=trust_pickle)
+    inputs = example_inputs(loaded.tokenizer, inputs_file, max_length=max_length)
+    rows = export_all(loaded.model, inputs, output, list(targets), fp16=fp16, fp32=fp32, quantize=quantize,
+                      opset=opset, overwrite=overwrite)
+    if as_json:
+        click.echo(json.dumps({"source": source, "output": output, "artifacts": rows}, indent=2, default=str))
+    elif not quiet:
+        click.echo(export_table(rows))
+        click.echo(f"wrote {output}")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: maps user errors to one line on stderr and exit code 2."""
     try:
@@ -452,6 +493,12 @@ def main(argv: list[str] | None = None) -> None:
         click.echo(f"lrcompress: error: {msg} (see lrcompress --help)", err=True)
         sys.exit(2)
     except LrcompressError as e:
+        click.echo(f"lrcompress: error: {' '.join(str(e).split())}", err=True)
+        sys.exit(2)
+    except Exception as e:  # exporters' errors (a separate package, no heavy imports)
+        from exporters.errors import ExportError
+        if not isinstance(e, ExportError):
+            raise
         click.echo(f"lrcompress: error: {' '.join(str(e).split())}", err=True)
         sys.exit(2)
     except (click.exceptions.Abort, KeyboardInterrupt):

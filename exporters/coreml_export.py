@@ -1,0 +1,327 @@
+"""Core ML (.mlpackage, ML Program) export via coremltools, and structure checks that need no macOS."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import sys
+import time
+import warnings
+from collections import Counter
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ._files import check_target, publish, require_file, staging_dir
+from ._logs import capture_logs
+from .base import Exporter, ExportResult, Runner
+from .deps import require
+from .errors import (
+    BadInput,
+    CorruptArtifact,
+    ExportError,
+    PredictionUnavailable,
+    UnsupportedOp,
+    first_line,
+)
+from .io_spec import ExampleInputs, eval_mode, locate_op, prepare, widen_examples
+
+EXTRA = "coreml"
+SUFFIX = ".mlpackage"
+PRECISIONS = ("fp16", "fp32")
+TARGETS = ("iOS16", "iOS17", "iOS18", "macOS13", "macOS14", "macOS15")
+CAPTURES = ("auto", "trace", "export")
+
+
+def import_coremltools() -> Any:
+    """Import coremltools with its Linux-only 'Failed to load ...' start-up warnings silenced."""
+    log = logging.getLogger("coremltools")
+    old = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        return require("coremltools", EXTRA)
+    finally:
+        log.setLevel(old)
+
+
+@contextlib.contextmanager
+def _quiet_progress() -> Iterator[None]:
+    """Silence coremltools' tqdm progress bars for the duration of a conversion."""
+    patched: list[tuple[Any, str, Any]] = []
+    for module_name, attr in (
+        ("coremltools.converters.mil.frontend.torch.ops", "_tqdm"),
+        ("coremltools.converters.mil.mil.passes.pass_pipeline", "tqdm"),
+    ):
+        module = sys.modules.get(module_name)
+        if module is not None and hasattr(module, attr):
+            patched.append((module, attr, getattr(module, attr)))
+            setattr(module, attr, lambda iterable=None, *a, **k: iterable)
+    try:
+        yield
+    finally:
+        for module, attr, original in patched:
+            setattr(module, attr, original)
+
+
+def _input_types(ct: Any, spec: Any, max_batch: int, max_sequence: int, flexible: bool) -> list[Any]:
+    types = []
+    for name, t in spec.inputs.items():
+        if t.is_floating_point():
+            dtype = np.float32
+        elif t.dtype in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+            dtype = np.int32
+        else:
+            raise BadInput(f"input '{name}' has dtype {t.dtype}; Core ML inputs must be float or integer, cast it")
+        shape: list[Any] = list(t.shape)
+        if flexible:
+            for axis, label in spec.dynamic_axes.get(name, {}).items():
+                upper = max_sequence if label == "sequence" else max_batch
+                if shape[axis] > upper:
+                    raise BadInput(f"input '{name}' axis {axis} has size {shape[axis]} > max {upper}; raise max_{label}")
+                shape[axis] = ct.RangeDim(lower_bound=1, upper_bound=upper, default=int(t.shape[axis]))
+        types.append(ct.TensorType(name=name, shape=ct.Shape(shape=shape), dtype=dtype))
+    return types
+
+
+def _classify(exc: BaseException, ep: Any = None) -> ExportError:
+    msg = first_line(exc)
+    text = str(exc)
+    if isinstance(exc, NotImplementedError) or "not implemented" in text.lower():
+        m = re.search(r"op[^']*'([^']+)'", text)
+        op = m.group(1) if m else msg
+        where = locate_op(ep, op) if m else None
+        place = f" in module {where}" if where else ""
+        return UnsupportedOp(f"operator '{op}'{place} has no Core ML conversion in coremltools; replace that layer or use ONNX")
+    return ExportError(f"Core ML conversion failed: {msg}; try capture='export' or the ONNX exporter")
+
+
+def export_coreml(
+    model: nn.Module,
+    example_inputs: ExampleInputs,
+    path: str | os.PathLike[str],
+    *,
+    precision: str = "fp16",
+    minimum_target: str = "iOS16",
+    flexible: bool = True,
+    max_batch: int = 64,
+    max_sequence: int = 512,
+    capture: str = "auto",
+) -> ExportResult:
+    """Convert ``model`` to an ML Program ``.mlpackage`` at ``path`` (atomically).
+
+    ``precision``: "fp16" (default) or "fp32" compute precision; I/O stays fp32/int32.
+    ``flexible``: batch (and sequence, for integer token inputs) become ``ct.RangeDim`` up to ``max_batch`` /
+    ``max_sequence``. ``capture``: "trace" (torch.jit.trace), "export" (torch.export) or "auto" (trace, then export).
+    """
+    ct = import_coremltools()
+    if precision not in PRECISIONS:
+        raise BadInput(f"precision={precision!r} is not one of {', '.join(PRECISIONS)}; pick one")
+    if minimum_target not in TARGETS:
+        raise BadInput(f"minimum_target={minimum_target!r} is not one of {', '.join(TARGETS)}; pick one")
+    if capture not in CAPTURES:
+        raise BadInput(f"capture={capture!r} is not one of {', '.join(CAPTURES)}; pick one")
+    target = check_target(path, SUFFIX)
+    start = time.perf_counter()
+    info: dict[str, Any] = {"format": "mlpackage", "precision": precision, "minimum_target": minimum_target}
+    compute = ct.precision.FLOAT16 if precision == "fp16" else ct.precision.FLOAT32
+    with eval_mode(model), warnings.catch_warnings(record=True) as caught, staging_dir(target) as tmp:
+        warnings.simplefilter("always")
+        wrapper, spec = prepare(model, example_inputs, dynamic=flexible, widen=False)
+        outputs = [
+            ct.TensorType(name=n, dtype=np.float32) if dtype.is_floating_point else ct.TensorType(name=n)
+            for n, dtype in zip(spec.output_names, spec.output_dtypes)
+        ]
+        info.update(input_names=spec.input_names, output_names=spec.output_names,
+                    flexible_axes={k: dict(v) for k, v in spec.dynamic_axes.items()} if flexible else {})
+        common = {
+            "outputs": outputs,
+            "convert_to": "mlprogram",
+            "compute_precision": compute,
+            "minimum_deployment_target": getattr(ct.target, minimum_target),
+        }
+        errors: list[tuple[str, BaseException]] = []
+        state: dict[str, Any] = {}
+        mlmodel = None
+        for method in (("trace", "export") if capture == "auto" else (capture,)):
+            try:
+                with _quiet_progress(), capture_logs("coremltools", level=logging.WARNING) as records:
+                    if method == "trace":
+                        traced = torch.jit.trace(wrapper, tuple(spec.inputs.values()), check_trace=False)
+                        mlmodel = ct.convert(traced, inputs=_input_types(ct, spec, max_batch, max_sequence, flexible), **common)
+                    else:
+                        mlmodel = _convert_exported(ct, wrapper, spec, flexible, max_batch, max_sequence, common, state)
+                info["capture"] = method
+                info["log"] = records
+                break
+            except (BadInput, MemoryError):
+                raise
+            except Exception as exc:  # noqa: BLE001 - any converter failure moves on to the next capture method
+                errors.append((method, exc))
+        if mlmodel is None:
+            raise _classify(errors[0][1], state.get("ep")) from errors[0][1]
+        if errors:
+            info["fallback_reason"] = f"{errors[0][0]}: {first_line(errors[0][1])}"
+        staged = tmp / target.name
+        mlmodel.save(str(staged))
+        publish(staged, target)
+    info["coremltools_version"] = ct.__version__
+    info["bytes"] = sum(f.stat().st_size for f in target.rglob("*") if f.is_file())
+    info["seconds"] = round(time.perf_counter() - start, 3)
+    info["warnings"] = sorted({first_line(w.message) for w in caught})[:20]
+    return ExportResult(path=target, info=info)
+
+
+def _convert_exported(
+    ct: Any, wrapper: nn.Module, spec: Any, flexible: bool, max_batch: int, max_sequence: int, common: dict, state: dict
+) -> Any:
+    args = tuple(widen_examples(spec.inputs, spec.dynamic_axes).values()) if flexible else tuple(spec.inputs.values())
+    dims = None
+    if flexible and spec.dynamic_axes:
+        made: dict[str, Any] = {}
+        dims = {"args": tuple(
+            {a: made.setdefault(label, torch.export.Dim(label, min=1, max=max_sequence if label == "sequence" else max_batch))
+             for a, label in spec.dynamic_axes.get(n, {}).items()} or None
+            for n in spec.input_names
+        )}
+    state["ep"] = torch.export.export(wrapper, args, dynamic_shapes=dims, strict=False)
+    program = state["ep"].run_decompositions({})
+    inputs = [ct.TensorType(name=n, dtype=np.float32 if t.is_floating_point() else np.int32) for n, t in spec.inputs.items()]
+    return ct.convert(program, inputs=inputs, **common)
+
+
+# --------------------------------------------------------------------------------------------- inspection
+
+def _feature(ct: Any, feature: Any) -> dict[str, Any]:
+    kind = feature.type.WhichOneof("Type")
+    entry: dict[str, Any] = {"name": feature.name, "type": kind}
+    if kind == "multiArrayType":
+        arr = feature.type.multiArrayType
+        names = ct.proto.FeatureTypes_pb2.ArrayFeatureType.ArrayDataType
+        entry["dtype"] = names.Name(arr.dataType).lower() if arr.dataType in names.values() else str(arr.dataType)
+        entry["shape"] = [int(s) for s in arr.shape]
+        ranges = arr.shapeRange.sizeRanges
+        if ranges:
+            entry["shape_range"] = [(int(r.lowerBound), int(r.upperBound)) for r in ranges]
+    return entry
+
+
+def _count_ops(block: Any, counts: Counter) -> None:
+    for op in block.operations:
+        counts[op.type] += 1
+        for inner in op.blocks:
+            _count_ops(inner, counts)
+
+
+def inspect_mlpackage(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Check an .mlpackage without predicting: spec loads, I/O names/shapes, MIL op counts, weight bytes.
+
+    Raises :class:`CorruptArtifact` if the package or its spec is unreadable.
+    """
+    ct = import_coremltools()
+    p = require_file(path, "Core ML package")
+    manifest = p / "Manifest.json"
+    if not p.is_dir() or not manifest.is_file():
+        raise CorruptArtifact(f"'{p}' is not an .mlpackage folder (no Manifest.json); re-export it")
+    try:
+        json.loads(manifest.read_text())
+        spec = ct.models.MLModel(str(p), skip_model_load=True).get_spec()
+    except Exception as exc:
+        raise CorruptArtifact(f"'{p}' has an unreadable Core ML spec ({type(exc).__name__}: {first_line(exc)}); re-export it") from exc
+    kind = spec.WhichOneof("Type")
+    counts: Counter = Counter()
+    opset = None
+    if kind == "mlProgram":
+        for function in spec.mlProgram.functions.values():
+            opset = function.opset
+            block = function.block_specializations.get(function.opset)
+            if block is not None:
+                _count_ops(block, counts)
+    if not spec.description.input or not spec.description.output:
+        raise CorruptArtifact(f"'{p}' declares no inputs or outputs; re-export it")
+    weights = p / "Data" / "com.apple.CoreML" / "weights"
+    weight_bytes = sum(f.stat().st_size for f in weights.rglob("*") if f.is_file()) if weights.is_dir() else 0
+    return {
+        "format": "mlpackage",
+        "path": str(p),
+        "model_type": kind,
+        "spec_version": int(spec.specificationVersion),
+        "mil_opset": opset,
+        "inputs": [_feature(ct, f) for f in spec.description.input],
+        "outputs": [_feature(ct, f) for f in spec.description.output],
+        "ops": dict(counts),
+        "op_count": sum(counts.values()),
+        "weight_bytes": weight_bytes,
+        "bytes": sum(f.stat().st_size for f in p.rglob("*") if f.is_file()),
+    }
+
+
+def _prediction_blocker() -> str | None:
+    if sys.platform != "darwin":
+        return f"Core ML prediction needs macOS 13+, this is {sys.platform}; use inspect_mlpackage() to check structure"
+    try:
+        from coremltools.libcoremlpython import _MLModelProxy  # noqa: F401
+    except ImportError as exc:
+        return f"coremltools has no native Core ML bindings here ({exc}); reinstall coremltools on macOS"
+    return None
+
+
+class CoreMLRunner:
+    """Runner for an .mlpackage; ``available_for_prediction`` is False off macOS and calls raise."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self.info = inspect_mlpackage(self.path)
+        self.input_names = [i["name"] for i in self.info["inputs"]]
+        self.output_names = [o["name"] for o in self.info["outputs"]]
+        self.unavailable_reason = _prediction_blocker()
+        self.available_for_prediction = self.unavailable_reason is None
+        self._model = None
+
+    def __call__(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if not self.available_for_prediction:
+            raise PredictionUnavailable(self.unavailable_reason)
+        missing = [n for n in self.input_names if n not in inputs]
+        if missing:
+            raise BadInput(f"missing Core ML inputs {missing}; the model expects {self.input_names}")
+        if self._model is None:
+            ct = import_coremltools()
+            self._model = ct.models.MLModel(str(self.path))
+        feed = {}
+        for item in self.info["inputs"]:
+            arr = np.asarray(inputs[item["name"]])
+            feed[item["name"]] = arr.astype(np.int32) if item.get("dtype") == "int32" else arr.astype(np.float32)
+        out = self._model.predict(feed)
+        return {n: np.asarray(out[n]) for n in self.output_names}
+
+    run = __call__
+
+
+class CoreMLExporter(Exporter):
+    """``.mlpackage`` (Core ML ML Program) via coremltools; prediction only on macOS."""
+
+    name = "coreml"
+    suffix = SUFFIX
+    extra = EXTRA
+    requires = ("coremltools",)
+    options = ("precision", "minimum_target", "flexible", "max_batch", "max_sequence", "capture")
+
+    def export_with_info(self, model: Any, example_inputs: Any, path: str | os.PathLike[str], **options: Any) -> ExportResult:
+        self.check_options(options)
+        self.ensure_available()
+        return export_coreml(model, example_inputs, path, **options)
+
+    def load(self, path: str | os.PathLike[str], threads: int | None = None, **options: Any) -> Runner:
+        """Load an .mlpackage; ``threads`` is accepted for a uniform interface and ignored (Core ML schedules itself)."""
+        if options:
+            raise BadInput(f"unknown load option(s) {', '.join(sorted(options))} for exporter 'coreml'; valid: threads")
+        return CoreMLRunner(path)
+
+    def inspect(self, path: str | os.PathLike[str]) -> dict[str, Any]:
+        return inspect_mlpackage(path)

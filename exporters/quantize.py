@@ -1,0 +1,129 @@
+"""Dynamic int8 weight quantisation of an ONNX model with onnxruntime.quantization."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ._files import check_target, publish, require_file, staging_dir
+from ._logs import capture_logs
+from .deps import require
+from .errors import CorruptArtifact, ExportError, first_line
+
+EXTRA = "onnx"
+# Ops whose weights dynamic quantisation rewrites (Gemm is first rewritten to MatMul + Add).
+# Conv is left out: ConvInteger with int8 weights has no CPU kernel in onnxruntime. Add "Gather" to
+# also quantise embedding tables.
+DEFAULT_OP_TYPES: tuple[str, ...] = ("MatMul", "Attention", "LSTM", "EmbedLayerNormalization")
+
+
+def _size(path: Path) -> int:
+    """Bytes of an ONNX file plus its ``<name>.data`` external-weights file, if any."""
+    data = path.with_name(path.name + ".data")
+    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+
+
+def gemm_to_matmul(model: Any) -> int:
+    """Rewrite ``Gemm(A, W, C)`` with a constant ``W`` as ``MatMul`` (+ ``Add``) in place; return the count.
+
+    onnxruntime's dynamic quantiser handles MatMul but not Gemm, and torch's exporter emits Gemm for 2-D Linear.
+    """
+    require("onnx", EXTRA)
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    uses: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            uses[name] = uses.get(name, 0) + 1
+    new_nodes = []
+    rewritten = 0
+    for node in graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        weight = node.input[1] if node.op_type == "Gemm" and len(node.input) > 1 else None
+        if (
+            weight is None
+            or weight not in inits
+            or attrs.get("transA", 0)
+            or float(attrs.get("alpha", 1.0)) != 1.0
+            or (len(node.input) > 2 and node.input[2] and float(attrs.get("beta", 1.0)) != 1.0)
+        ):
+            new_nodes.append(node)
+            continue
+        if attrs.get("transB", 0):
+            w = numpy_helper.to_array(inits[weight]).T.copy()
+            new_name = f"{weight}__transposed"
+            if new_name not in inits:
+                tensor = numpy_helper.from_array(w, new_name)
+                graph.initializer.append(tensor)
+                inits[new_name] = tensor
+            uses[weight] -= 1
+            weight = new_name
+        out = node.output[0]
+        has_bias = len(node.input) > 2 and bool(node.input[2])
+        mm_out = f"{out}__matmul" if has_bias else out
+        base = node.name or out
+        new_nodes.append(helper.make_node("MatMul", [node.input[0], weight], [mm_out], name=f"{base}_MatMul"))
+        if has_bias:
+            new_nodes.append(helper.make_node("Add", [mm_out, node.input[2]], [out], name=f"{base}_Add"))
+        rewritten += 1
+    if rewritten:
+        unused = {name for name, n in uses.items() if n == 0}
+        kept = [t for t in graph.initializer if t.name not in unused]
+        del graph.initializer[:]
+        graph.initializer.extend(kept)
+        del graph.node[:]
+        graph.node.extend(new_nodes)
+    return rewritten
+
+
+def quantize_int8(
+    onnx_path: str | os.PathLike[str],
+    out_path: str | os.PathLike[str],
+    *,
+    op_types: Sequence[str] | None = DEFAULT_OP_TYPES,
+    per_channel: bool = False,
+    external_data: bool = False,
+) -> dict[str, Any]:
+    """Write an int8-weight (QInt8, dynamic activation) copy of ``onnx_path`` to ``out_path`` atomically.
+
+    Works on low-rank models (two MatMuls in a row): each factor is quantised on its own.
+    Returns sizes before/after and the count of quantised nodes by type.
+    """
+    onnx = require("onnx", EXTRA)
+    quantization = require("onnxruntime.quantization", EXTRA)
+    src = require_file(onnx_path, "ONNX file")
+    target = check_target(out_path, ".onnx")
+    with capture_logs("onnxruntime.quantization", "root") as log_lines, staging_dir(target) as tmp:
+        staged = tmp / target.name
+        try:
+            model = onnx.load(str(src))
+            gemms = gemm_to_matmul(model)
+            quantization.quantize_dynamic(
+                model,
+                str(staged),
+                op_types_to_quantize=list(op_types) if op_types else None,
+                per_channel=per_channel,
+                weight_type=quantization.QuantType.QInt8,
+                use_external_data_format=external_data,
+            )
+        except Exception as exc:
+            kind = type(exc).__name__
+            if kind in ("DecodeError", "InvalidProtobuf") or "parse" in str(exc).lower():
+                raise CorruptArtifact(f"'{src}' is not a valid ONNX model ({kind}: {first_line(exc)}); re-export it") from exc
+            raise ExportError(f"int8 quantisation of '{src.name}' failed: {first_line(exc)}; try op_types=('MatMul',)") from exc
+        after = _size(staged)
+        extra_files = [f for f in tmp.iterdir() if f != staged]
+        for f in extra_files:
+            publish(f, target.parent / f.name)
+        publish(staged, target)
+    model = onnx.load(str(target), load_external_data=False)
+    quantized_ops: dict[str, int] = {}
+    for node in model.graph.node:
+        if node.op_type in ("MatMulInteger", "DynamicQuantizeMatMul", "DynamicQuantizeLinear", "QAttention", "DynamicQuantizeLSTM", "ConvInteger", "QGemm"):
+            quantized_ops[node.op_type] = quantized_ops.get(node.op_type, 0) + 1
+    return {"source_bytes": _size(src), "bytes": after, "quantized_ops": quantized_ops, "weight_type": "QInt8",
+            "per_channel": per_channel, "gemm_rewritten": gemms, "log": log_lines}
