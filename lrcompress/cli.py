@@ -484,6 +484,79 @@ def export(source: str, targets: tuple, output: str | None, fp16: bool, fp32: bo
         click.echo(f"wrote {output}")
 
 
+@cli.command()
+@click.argument("candidate")
+@click.option("--reference", required=True, help="The original model (any compress SOURCE).")
+@click.option("--data", "data_path", required=True, help="Real inputs: text (one example per line) or tensors.")
+@click.option("--runtime", type=str, default=None,
+              help="torch | onnxruntime | coreml (default: torch for folders, onnxruntime for .onnx/.ort).")
+@click.option("--threads", type=int, default=1, show_default=True)
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--max-length", type=int, default=128, show_default=True, help="Tokens per example (latency batch is padded to it).")
+@click.option("--samples", type=int, default=None, help="Use only the first N examples of --data.")
+@click.option("--runs", type=int, default=50, show_default=True, help="Timed latency runs (after 5 warm-up runs).")
+@click.option("--time-budget", type=float, default=None, help="Stop timing after this many seconds (>= 1 run).")
+@click.option("--max-cosine-drift", type=str, default=None, help="Gate: 1 - mean cosine per output.")
+@click.option("--max-abs-error", type=str, default=None, help="Gate: max absolute error over real positions.")
+@click.option("--min-top1-agreement", type=str, default=None, help="Gate: argmax agreement for logits.")
+@click.option("--max-latency-ratio", type=str, default=None, help="Gate: candidate p50 / reference p50.")
+@click.option("--max-size-ratio", type=str, default=None, help="Gate: candidate bytes / reference bytes.")
+@_apply(source_options)
+@click.option("--json", "json_file", type=str, default=None, help="Also write the report as JSON to this file.")
+@click.option("-q", "--quiet", is_flag=True)
+def validate(candidate: str, reference: str, data_path: str, runtime: str | None, threads: int, batch_size: int,
+             max_length: int, samples: int | None, runs: int, time_budget: float | None, max_cosine_drift: str | None,
+             max_abs_error: str | None, min_top1_agreement: str | None, max_latency_ratio: str | None,
+             max_size_ratio: str | None, weights: str | None, trust_pickle: bool, json_file: str | None,
+             quiet: bool) -> None:
+    """Compare CANDIDATE with --reference on real data: drift, latency, size; exit 1 if a gate fails."""
+    from pathlib import Path
+
+    from .data import open_data
+    from .sources import resolve
+    from .validate import check_gates
+    from .validate import validate as run_validate
+
+    gates = check_gates({
+        "max_cosine_drift": _parse_number("--max-cosine-drift", max_cosine_drift, float),
+        "max_abs_error": _parse_number("--max-abs-error", max_abs_error, float),
+        "min_top1_agreement": _parse_number("--min-top1-agreement", min_top1_agreement, float),
+        "max_latency_ratio": _parse_number("--max-latency-ratio", max_latency_ratio, float),
+        "max_size_ratio": _parse_number("--max-size-ratio", max_size_ratio, float)})
+    if threads < 1:
+        raise ConfigError(f"--threads {threads} must be >= 1; e.g. --threads 1")
+    if json_file is not None and Path(json_file).is_dir():
+        raise ConfigError(f"--json {json_file!r} is a folder; give a file path")
+    ref = resolve(reference, weights=weights, trust_pickle=trust_pickle)
+    data = open_data(data_path, ref.tokenizer, max_length, samples)
+    show = _show_progress(quiet, False)
+    bars: dict[str, Any] = {}
+
+    def progress(stage: str, done: int, total: int) -> None:
+        if stage not in bars:
+            for b in bars.values():
+                b.close()
+            bars[stage] = _progress(total, stage, show)
+        bars[stage].n = done
+        bars[stage].refresh()
+
+    try:
+        report = run_validate(candidate, ref.model, reference, data, runtime=runtime, threads=threads,
+                              batch_size=batch_size, max_length=max_length, runs=runs, time_budget=time_budget,
+                              gates=gates, trust_pickle=trust_pickle, progress=progress)
+    finally:
+        for b in bars.values():
+            b.close()
+    if json_file is not None:
+        Path(json_file).write_text(json.dumps(report.to_dict(), indent=2, default=str) + "\n")
+    if not quiet:
+        click.echo(report.table())
+    if report.failed:
+        click.echo("lrcompress: gates failed: " + "; ".join(
+            f"{g['gate']} {g['value']:.5g} vs limit {g['limit']:g}" for g in report.failed), err=True)
+        sys.exit(1)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: maps user errors to one line on stderr and exit code 2."""
     try:

@@ -109,3 +109,134 @@ def test_export_compressed_minilm_onnx_matches_torch(tmp_path, capsys):
         run = exporters.ort_runner(out / name, threads=2)
         got = run(feed)["last_hidden_state"]
         assert np.abs(got - want).max() <= 1e-4, name
+
+
+# ---------------------------------------------------------------- validate
+
+
+@pytest.fixture
+def edge(tmp_path_factory: pytest.TempPathFactory, tok_inputs: Path) -> Path:
+    """A compressed toy folder and its .onnx/.ort/.int8/.mlpackage, outside each test's tmp_path."""
+    d = tmp_path_factory.mktemp("edge")
+    from lrcompress.cli import main
+    for argv in (["compress", TOK, "--calib", tok_inputs, "--ratio", "0.5", "-o", d / "ck", "-q"],
+                 ["export", d / "ck", "--to", "onnx", "--to", "ort", "--to", "coreml", "--quantize", "int8",
+                  "--inputs", tok_inputs, "-o", d / "edge", "-q"]):
+        with pytest.raises(SystemExit) as exc:
+            main([str(a) for a in argv])
+        assert exc.value.code in (0, None)
+    return d
+
+
+@pytest.mark.parametrize("cand", ["ck", "edge/model.onnx", "edge/model.ort", "edge/model.int8.onnx"])
+def test_validate_reports_drift_latency_and_honours_gates(cand, edge, tok_inputs, tmp_path, capsys):
+    report = tmp_path / "v.json"
+    base = ["validate", edge / cand, "--reference", TOK, "--data", tok_inputs, "--runs", "10", "--json", report]
+    code, stdout, err = run_main(base + ["--max-cosine-drift", "0.2", "--max-size-ratio", "1.0"], capsys)
+    assert code == 0, err
+    rep = json.loads(report.read_text())
+    out = rep["outputs"]["output"]
+    assert 0.5 < out["cos_mean"] < 0.9999 and out["examples"] == 4 and out["max_abs"] > 0
+    assert rep["runtime"] == ("torch" if cand == "ck" else "onnxruntime")
+    for who in ("reference", "candidate"):
+        lat = rep["latency"][who]
+        assert lat["runs"] == 10 and 0 < lat["p50_ms"] <= lat["p90_ms"] <= lat["p99_ms"]
+    assert rep["sizes"]["candidate"] < rep["sizes"]["reference"]
+    assert [g["status"] for g in rep["gates"]] == ["passed", "passed"] and rep["passed"]
+    assert "cos mean" in stdout and "p50" in stdout
+    # a gate the candidate cannot meet: exit 1, named with the amount
+    code, stdout, err = run_main(base + ["--max-cosine-drift", "0.0001"], capsys)
+    assert code == 1
+    assert "max_cosine_drift" in err and "vs limit 0.0001" in err
+    assert json.loads(report.read_text())["gates"][0]["status"] == "failed"
+
+
+def test_validate_compressed_folder_on_onnxruntime_matches_torch_drift(edge, tok_inputs, tmp_path, capsys):
+    reps = {}
+    for rt in ("torch", "onnxruntime"):
+        f = tmp_path / f"{rt}.json"
+        code, _, err = run_main(["validate", edge / "ck", "--reference", TOK, "--data", tok_inputs, "--runtime", rt,
+                                 "--runs", "5", "--json", f, "-q"], capsys)
+        assert code == 0, err
+        reps[rt] = json.loads(f.read_text())["outputs"]["output"]
+    assert reps["torch"]["cos_mean"] == pytest.approx(reps["onnxruntime"]["cos_mean"], abs=1e-5)
+
+
+def test_validate_mlpackage_is_skipped_never_passed(edge, tok_inputs, tmp_path, capsys):
+    import platform
+    if platform.system() == "Darwin":
+        pytest.skip("on macOS Core ML predicts; this checks the Linux behaviour")
+    f = tmp_path / "c.json"
+    code, stdout, err = run_main(["validate", edge / "edge" / "model.mlpackage", "--reference", TOK, "--data",
+                                  tok_inputs, "--max-cosine-drift", "0.01", "--json", f], capsys)
+    assert code == 0, err
+    rep = json.loads(f.read_text())
+    assert rep["status"] == "skipped: Core ML prediction needs macOS"
+    assert rep["gates"][0]["status"] == "skipped" and "passed" not in {g["status"] for g in rep["gates"]}
+    assert [i["name"] for i in rep["structure"]["inputs"]] == ["input_ids", "attention_mask"]
+    assert rep["structure"]["weight_bytes"] > 0 and rep["outputs"] == {}
+    assert "skipped: Core ML prediction needs macOS" in stdout
+
+
+VALIDATE_CASES = {
+    "negative-gate": (["--max-cosine-drift", "-0.1"], ["--max-cosine-drift -0.1", "in [0, 2]"]),
+    "nan-gate": (["--max-abs-error", "nan"], ["--max-abs-error", "finite"]),
+    "top1-above-one": (["--min-top1-agreement", "1.5"], ["--min-top1-agreement 1.5", "[0, 1]"]),
+    "threads-zero": (["--threads", "0"], ["--threads 0", ">= 1"]),
+    "runtime-mismatch": (["--runtime", "coreml"], ["--runtime coreml", "torch or onnxruntime"]),
+    "unknown-runtime": (["--runtime", "tflite"], ["--runtime 'tflite'", "torch, onnxruntime, coreml"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(VALIDATE_CASES))
+def test_validate_bad_input(case, edge, tok_inputs, tmp_path, capsys):
+    extra, contains = VALIDATE_CASES[case]
+    cand = edge / "ck"
+    if case == "unknown-runtime":
+        cand = edge / "edge" / "model.onnx"
+    expect_user_error(["validate", cand, "--reference", TOK, "--data", tok_inputs, *extra], capsys, tmp_path, contains)
+
+
+def test_validate_corrupt_artifacts_and_wrong_data(edge, tok_inputs, tmp_path, capsys):
+    bad = tmp_path.parent / f"{tmp_path.name}-bad"
+    bad.mkdir()
+    for name in ("m.onnx", "m.ort"):
+        (bad / name).write_bytes(b"\x00garbage" * 10)
+        expect_user_error(["validate", bad / name, "--reference", TOK, "--data", tok_inputs], capsys, tmp_path,
+                          [name])
+    (bad / "m.mlpackage").mkdir()
+    (bad / "m.mlpackage" / "Manifest.json").write_text("{not json")
+    expect_user_error(["validate", bad / "m.mlpackage", "--reference", TOK, "--data", tok_inputs], capsys, tmp_path,
+                      ["m.mlpackage"])
+    wrong = bad / "x.npy"  # one positional float array for a model that takes token ids by name
+    np.save(wrong, np.zeros((4, 32), np.float32))
+    expect_user_error(["validate", edge / "edge" / "model.onnx", "--reference", TOK, "--data", wrong], capsys,
+                      tmp_path, ["needs inputs", "input_ids"])
+    expect_user_error(["validate", bad / "nothing.onnx", "--reference", TOK, "--data", tok_inputs], capsys, tmp_path,
+                      ["does not exist"])
+
+
+@needs_minilm
+@pytest.mark.slow
+def test_validate_minilm_onnx_and_ort_on_held_out_text(tmp_path, capsys):
+    from lrcompress.data import TextData, read_lines
+    root = Path(__file__).resolve().parent.parent / "samples"
+    loaded = lrcompress.resolve("minilm")
+    lines = read_lines(root / "calib.txt")[:32]
+    cfg = lrcompress.CompressConfig(method=lrcompress.method_config("svd-whiten"), ratio=0.75, scope="model",
+                                    probe_passes=0)
+    small, rep = lrcompress.compress(loaded.model, cfg, TextData(lines, loaded.tokenizer, 64))
+    ck = tmp_path / "ck"
+    lrcompress.save(small, ck, loaded.spec, plan=rep.plan, side_files=loaded.side_files)
+    code, _, err = run_main(["export", ck, "--to", "onnx", "--to", "ort", "-o", tmp_path / "edge", "-q"], capsys)
+    assert code == 0, err
+    held = tmp_path / "held.txt"
+    held.write_text("\n".join(read_lines(root / "eval.txt")[:24]) + "\n")
+    for name in ("model.onnx", "model.ort"):
+        f = tmp_path / f"{name}.json"
+        code, stdout, err = run_main(["validate", tmp_path / "edge" / name, "--reference", "minilm", "--data", held,
+                                      "--max-length", "64", "--runs", "5", "--max-cosine-drift", "0.2",
+                                      "--json", f], capsys)
+        assert code == 0, err
+        out = json.loads(f.read_text())["outputs"]["last_hidden_state"]
+        assert 0.8 < out["cos_mean"] < 1.0 and out["examples"] == 24
