@@ -240,3 +240,19 @@ def test_validate_minilm_onnx_and_ort_on_held_out_text(tmp_path, capsys):
         assert code == 0, err
         out = json.loads(f.read_text())["outputs"]["last_hidden_state"]
         assert 0.8 < out["cos_mean"] < 1.0 and out["examples"] == 24
+
+
+def test_export_unsupported_op_names_op_and_layer(tmp_path, capsys):
+    x = tmp_path.parent / f"{tmp_path.name}-x.npy"
+    np.save(x, np.zeros((2, 8), np.float32))
+    for target in ("onnx", "coreml"):
+        expect_user_error(["export", "tests.odd_models:odd_net", "--to", target, "--inputs", x, "-o",
+                           tmp_path / "out"], capsys, tmp_path, ["cli_no_export_op", "StrangeBlock"])
+
+
+def test_export_missing_dependency_names_the_extra(tmp_path, tok_inputs, capsys, monkeypatch):
+    import exporters.base
+    real = exporters.base.is_importable
+    monkeypatch.setattr(exporters.base, "is_importable", lambda m: False if m == "onnxruntime" else real(m))
+    expect_user_error(["export", TOK, "--to", "ort", "--inputs", tok_inputs, "-o", tmp_path / "out"], capsys,
+                      tmp_path, ["onnxruntime is not installed", "pip install 'lrcompress[onnx]'"])
