@@ -19,6 +19,34 @@ TARGETS = ("onnx", "ort", "coreml")
 SAMPLE_SENTENCE = "The quick brown fox jumps over the lazy dog near the river bank."
 
 
+class EncoderForCoreML(nn.Module):
+    """A Hugging Face BERT-style encoder as embeddings + layers with an explicit additive
+    mask: the library's mask helpers use ops coremltools cannot convert (``new_ones``)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    @staticmethod
+    def applies(model: nn.Module) -> bool:
+        return hasattr(model, "embeddings") and hasattr(getattr(model, "encoder", None), "layer")
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = self.model.embeddings(input_ids=input_ids)
+        mask = (1.0 - attention_mask[:, None, None, :].to(h.dtype)) * -1e4  # fits fp16 compute
+        for layer in self.model.encoder.layer:
+            out = layer(h, attention_mask=mask)
+            h = out[0] if isinstance(out, tuple) else out
+        return {"last_hidden_state": h}
+
+
+def coreml_view(model: nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """The module and inputs to hand to coremltools (BERT-style encoders get the wrapper)."""
+    if EncoderForCoreML.applies(model) and {"input_ids", "attention_mask"} <= set(inputs):
+        return EncoderForCoreML(model).eval(), {k: inputs[k] for k in ("input_ids", "attention_mask")}
+    return model, inputs
+
+
 def example_inputs(tokenizer: Any | None, inputs_file: str | None = None, *, sentence: str = SAMPLE_SENTENCE,
                    max_length: int = 128) -> dict[str, torch.Tensor]:
     """Named example inputs: the tokenizer on a sample sentence, or the first example of a
@@ -85,7 +113,8 @@ def export_all(model: nn.Module, inputs: dict[str, torch.Tensor], out: str | Pat
             rows = [r for r in rows if r["target"] == "ort"]
         if "coreml" in targets:
             t0 = time.perf_counter()
-            res = exporters.export_coreml(model, inputs, tmp / "model.mlpackage",
+            cm_model, cm_inputs = coreml_view(model, inputs)
+            res = exporters.export_coreml(cm_model, cm_inputs, tmp / "model.mlpackage",
                                           precision="fp32" if fp32 else "fp16")
             rows.append(_row("coreml", res.path, time.perf_counter() - t0, res.info))
         _replace(tmp, out)

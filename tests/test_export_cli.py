@@ -98,8 +98,18 @@ def test_export_compressed_minilm_onnx_matches_torch(tmp_path, capsys):
     ck = tmp_path / "ck"
     lrcompress.save(small, ck, loaded.spec, plan=rep.plan, side_files=loaded.side_files)
     out = tmp_path / "edge"
-    code, _, err = run_main(["export", ck, "--to", "onnx", "--to", "ort", "-o", out, "-q"], capsys)
+    code, _, err = run_main(["export", ck, "--to", "onnx", "--to", "ort", "--to", "coreml", "-o", out, "-q"], capsys)
     assert code == 0, err
+    assert sorted(p.name for p in out.iterdir()) == ["model.mlpackage", "model.onnx", "model.ort"]
+    held = tmp_path / "held.txt"
+    held.write_text("\n".join(lines[:4]) + "\n")
+    f = tmp_path / "cm.json"
+    code, stdout, err = run_main(["validate", out / "model.mlpackage", "--reference", "minilm", "--data", held,
+                                  "--max-cosine-drift", "0.1", "--json", f], capsys)
+    assert code == 0, err
+    cm = json.loads(f.read_text())
+    assert cm["status"] == "skipped: Core ML prediction needs macOS" and cm["gates"][0]["status"] == "skipped"
+    assert [o["name"] for o in cm["structure"]["outputs"]] == ["last_hidden_state"]
     model, tok = lrcompress.load(ck)
     enc = tok(lines[:3], padding=True, return_tensors="np")
     feed = {k: v.astype(np.int64) for k, v in enc.items()}
@@ -256,3 +266,28 @@ def test_export_missing_dependency_names_the_extra(tmp_path, tok_inputs, capsys,
     monkeypatch.setattr(exporters.base, "is_importable", lambda m: False if m == "onnxruntime" else real(m))
     expect_user_error(["export", TOK, "--to", "ort", "--inputs", tok_inputs, "-o", tmp_path / "out"], capsys,
                       tmp_path, ["onnxruntime is not installed", "pip install 'lrcompress[onnx]'"])
+
+
+def test_bert_encoder_coreml_view_matches_and_converts(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("coremltools")
+    from lrcompress.edge import EncoderForCoreML, coreml_view, export_all
+    cfg = transformers.BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=64, max_position_embeddings=64)
+    torch.manual_seed(0)
+    bert = transformers.BertModel(cfg).eval()
+    ids = torch.randint(1, 120, (3, 11))
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0
+    inputs = {"input_ids": ids, "token_type_ids": torch.zeros_like(ids), "attention_mask": mask}
+    view, view_inputs = coreml_view(bert, inputs)
+    assert isinstance(view, EncoderForCoreML) and list(view_inputs) == ["input_ids", "attention_mask"]
+    with torch.no_grad():
+        want = bert(**inputs).last_hidden_state
+        got = view(**view_inputs)["last_hidden_state"]
+    real = mask.bool()
+    torch.testing.assert_close(got[real], want[real], atol=1e-5, rtol=1e-5)
+    rows = export_all(bert, inputs, tmp_path / "edge", ["coreml"])
+    info = exporters.inspect_mlpackage(tmp_path / "edge" / "model.mlpackage")
+    assert [i["name"] for i in info["inputs"]] == ["input_ids", "attention_mask"]
+    assert [o["name"] for o in info["outputs"]] == ["last_hidden_state"] and rows[0]["bytes"] > 0
