@@ -8,7 +8,8 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -95,32 +96,18 @@ def versions() -> dict[str, str]:
     return out
 
 
-def save(model: nn.Module, out: str | Path, source: dict[str, Any], *, plan: dict[str, Any] | None = None,
-         side_files: dict[str, Path] | None = None, extra_files: dict[str, str] | None = None,
-         overwrite: bool = False) -> Path:
-    """Write ``out`` atomically: a temporary sibling is filled, then renamed into place."""
-    from safetensors.torch import save_model
-
+@contextmanager
+def atomic_folder(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling of ``out`` to fill; on success it is renamed into place
+    (replacing an old folder only after the new one is complete), on any failure it and the
+    parent folders this call created are removed, so nothing half-written is left."""
     out = check_output(out, overwrite)
     created = _missing_parents(out)
     tmp: Path | None = None
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-        kind = source.get("arch", source).get("kind")
-        if kind == "pickle":
-            torch.save(model, tmp / PICKLED)
-        else:
-            save_model(model, str(tmp / WEIGHTS), metadata={"format": "pt"})
-        for rel, src in (side_files or {}).items():
-            dst = tmp / rel
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(src, dst)
-        for rel, text in (extra_files or {}).items():
-            (tmp / rel).write_text(text)
-        manifest = {"format": FORMAT, "source": source.get("arch", source), "versions": versions(),
-                    "layers": factorized_layers(model), "plan": plan}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        yield tmp
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.replace(out, old / "x")
@@ -140,7 +127,30 @@ def save(model: nn.Module, out: str | Path, source: dict[str, Any], *, plan: dic
             raise OutputError(f"writing {str(out)!r} failed ({e.strerror or e}); check free space and "
                               "permissions") from None
         raise
-    return out
+
+
+def save(model: nn.Module, out: str | Path, source: dict[str, Any], *, plan: dict[str, Any] | None = None,
+         side_files: dict[str, Path] | None = None, extra_files: dict[str, str] | None = None,
+         overwrite: bool = False) -> Path:
+    """Write ``out`` atomically: a temporary sibling is filled, then renamed into place."""
+    from safetensors.torch import save_model
+
+    with atomic_folder(out, overwrite) as tmp:
+        kind = source.get("arch", source).get("kind")
+        if kind == "pickle":
+            torch.save(model, tmp / PICKLED)
+        else:
+            save_model(model, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        for rel, src in (side_files or {}).items():
+            dst = tmp / rel
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, dst)
+        for rel, text in (extra_files or {}).items():
+            (tmp / rel).write_text(text)
+        manifest = {"format": FORMAT, "source": source.get("arch", source), "versions": versions(),
+                    "layers": factorized_layers(model), "plan": plan}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return Path(out)
 
 
 def read_manifest(folder: str | Path) -> dict[str, Any]:

@@ -465,6 +465,7 @@ def export(source: str, targets: tuple, output: str | None, fp16: bool, fp32: bo
     """Export SOURCE (a compressed folder or any model source) to edge formats."""
     from pathlib import Path
 
+    from .checkpoint import check_output
     from .edge import TARGETS, example_inputs, export_all, export_table
     from .sources import resolve
 
@@ -473,6 +474,7 @@ def export(source: str, targets: tuple, output: str | None, fp16: bool, fp32: bo
     if output is None:
         p = Path(source)
         output = str(p.parent / f"{p.name}-export") if p.exists() else f"{source.replace(':', '_').replace('/', '_')}-export"
+    check_output(output, overwrite)
     loaded = resolve(source, weights=weights, trust_pickle=trust_pickle)
     inputs = example_inputs(loaded.tokenizer, inputs_file, max_length=max_length)
     rows = export_all(loaded.model, inputs, output, list(targets), fp16=fp16, fp32=fp32, quantize=quantize,

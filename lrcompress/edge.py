@@ -3,9 +3,6 @@ through the ``exporters`` package, written into one folder atomically."""
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -13,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import ConfigError, OutputError
+from .errors import ConfigError
 
 TARGETS = ("onnx", "ort", "coreml")
 SAMPLE_SENTENCE = "The quick brown fox jumps over the lazy dog near the river bank."
@@ -67,7 +64,7 @@ def export_all(model: nn.Module, inputs: dict[str, torch.Tensor], out: str | Pat
                overwrite: bool = False) -> list[dict[str, Any]]:
     """Write ``model.onnx`` (+ ``model.int8.onnx``), ``model.ort`` and ``model.mlpackage`` as
     asked into ``out``; returns one row per artifact (path, bytes, seconds, details)."""
-    from .checkpoint import check_output
+    from .checkpoint import atomic_folder
 
     bad = [t for t in targets if t not in TARGETS]
     if bad or not targets:
@@ -85,11 +82,9 @@ def export_all(model: nn.Module, inputs: dict[str, torch.Tensor], out: str | Pat
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     for t in dict.fromkeys(targets):
         exporters.get_exporter(t).ensure_available()
-    out = check_output(out, overwrite)
-    model = model.eval()
     rows: list[dict[str, Any]] = []
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=_parent(out)))
-    try:
+    model = model.eval()
+    with atomic_folder(out, overwrite) as tmp:
         onnx_path = None
         if "onnx" in targets or "ort" in targets:
             t0 = time.perf_counter()
@@ -117,32 +112,10 @@ def export_all(model: nn.Module, inputs: dict[str, torch.Tensor], out: str | Pat
             res = exporters.export_coreml(cm_model, cm_inputs, tmp / "model.mlpackage",
                                           precision="fp32" if fp32 else "fp16")
             rows.append(_row("coreml", res.path, time.perf_counter() - t0, res.info))
-        _replace(tmp, out)
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError):
-            raise OutputError(f"writing {str(out)!r} failed ({e.strerror or e}); check free space and "
-                              "permissions") from None
-        raise
+    out = Path(out)
     for r in rows:
         r["path"] = str(out / Path(r["path"]).name)
     return rows
-
-
-def _parent(out: Path) -> Path:
-    parent = out.resolve().parent
-    parent.mkdir(parents=True, exist_ok=True)
-    return parent
-
-
-def _replace(tmp: Path, out: Path) -> None:
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.replace(out, old / "x")
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
 
 
 def _size(p: Path) -> int:

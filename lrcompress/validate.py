@@ -275,25 +275,12 @@ def validate(candidate: str, reference: nn.Module, reference_name: str, data: Te
             cand_runner = exp.load(p, threads=threads) if kind != "coreml" else exp.load(p)
             report.sizes["candidate"] = size_of(p)
             select(batches[0][0], list(getattr(cand_runner, "input_names", []) or []), "candidate")
-        ref_runner: Any
-        if runtime == "onnxruntime":
-            ref_path = Path(tmp.name) / "reference.onnx"
-            exporters.export_onnx(reference, example, ref_path)
-            ref_runner = exporters.ort_runner(ref_path, threads=threads)
-            report.sizes["reference"] = size_of(ref_path)
-        else:
-            ref_runner = TorchRunner(reference, threads)
-            report.sizes["reference"] = sum(q.numel() * q.element_size() for q in reference.parameters())
+        ref_runner, report.sizes["reference"] = _model_runner(reference, runtime, example, Path(tmp.name) / "reference.onnx",
+                                                              threads)
         if kind == "folder":
             model, _ = load(p, trust_pickle=trust_pickle)
-            if runtime == "onnxruntime":
-                cand_path = Path(tmp.name) / "candidate.onnx"
-                exporters.export_onnx(model, example, cand_path)
-                cand_runner = exporters.ort_runner(cand_path, threads=threads)
-                report.sizes["candidate"] = size_of(cand_path)
-            else:
-                cand_runner = TorchRunner(model, threads)
-                report.sizes["candidate"] = sum(q.numel() * q.element_size() for q in model.parameters())
+            cand_runner, report.sizes["candidate"] = _model_runner(model, runtime, example,
+                                                                   Path(tmp.name) / "candidate.onnx", threads)
         if not getattr(cand_runner, "available_for_prediction", True):
             report.status = SKIP_COREML
             report.latency = {"candidate": {"status": SKIP_COREML}}
@@ -320,6 +307,17 @@ def validate(candidate: str, reference: nn.Module, reference_name: str, data: Te
         return report
     finally:
         tmp.cleanup()
+
+
+def _model_runner(model: nn.Module, runtime: str, example: dict[str, torch.Tensor], onnx_path: Path,
+                  threads: int) -> tuple[Any, int]:
+    """A runner for a torch model in ``runtime`` (exported to ``onnx_path`` for onnxruntime)
+    and its size: the .onnx bytes, or the parameter bytes in torch."""
+    import exporters
+    if runtime == "onnxruntime":
+        exporters.export_onnx(model, example, onnx_path)
+        return exporters.ort_runner(onnx_path, threads=threads), size_of(onnx_path)
+    return TorchRunner(model, threads), sum(q.numel() * q.element_size() for q in model.parameters())
 
 
 def _versions() -> dict[str, str]:
