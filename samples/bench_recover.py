@@ -105,7 +105,10 @@ def main() -> None:
             d = drift(ref, embed(student, tok, held, args.max_length))
             d["train_cos"] = train_cos(student)
             rows.append((ratio, run, rep2.steps, d, sec, rep2.params_after))
-            print(fmt(rows[-1]), f"best step {rep2.best_step}", flush=True)
+            last = [c for c in rep2.curve if "cos_mean" in c][-1]
+            print(fmt(rows[-1]), f"best step {rep2.best_step}; the student at step {last['step']} (before the best "
+                  f"state was restored) had held-out cos {last['cos_mean']:.4f} on the recovery's own split, "
+                  f"{rep2.before['cos_mean']:.4f} before", flush=True)
             curves[(ratio, run)] = [(c["step"], c["loss"]) for c in rep2.curve if "cos_mean" in c]
     print()
     print(f"{'kept':>5} {'recovery':>30} {'steps':>6} {'cos mean':>9} {'cos worst':>9} {'nn@10':>6} {'train cos':>9} {'s/step':>7} {'params':>11}")
