@@ -41,11 +41,14 @@ class TorchRunner:
 
     def __call__(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         from exporters.io_spec import flatten_outputs
-        if self.threads:
-            torch.set_num_threads(self.threads)
         feed = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in inputs.items()}
-        with torch.no_grad():
-            out = self.model(feed["input"]) if list(feed) == ["input"] else self.model(**feed)
+        before = torch.get_num_threads()
+        torch.set_num_threads(self.threads or before)
+        try:  # the thread count is process-wide: put it back for the caller
+            with torch.no_grad():
+                out = self.model(feed["input"]) if list(feed) == ["input"] else self.model(**feed)
+        finally:
+            torch.set_num_threads(before)
         res = {k: v.detach().float().numpy() for k, v in flatten_outputs(out)}
         self.output_names = list(res)
         return res

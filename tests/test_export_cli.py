@@ -162,6 +162,7 @@ def test_validate_reports_drift_latency_and_honours_gates(cand, edge, tok_inputs
 
 
 def test_validate_compressed_folder_on_onnxruntime_matches_torch_drift(edge, tok_inputs, tmp_path, capsys):
+    threads = torch.get_num_threads()
     reps = {}
     for rt in ("torch", "onnxruntime"):
         f = tmp_path / f"{rt}.json"
@@ -170,6 +171,7 @@ def test_validate_compressed_folder_on_onnxruntime_matches_torch_drift(edge, tok
         assert code == 0, err
         reps[rt] = json.loads(f.read_text())["outputs"]["output"]
     assert reps["torch"]["cos_mean"] == pytest.approx(reps["onnxruntime"]["cos_mean"], abs=1e-5)
+    assert torch.get_num_threads() == threads  # --threads 1 did not leak into the process
 
 
 def test_validate_mlpackage_is_skipped_never_passed(edge, tok_inputs, tmp_path, capsys):
