@@ -84,11 +84,11 @@ def factorized_layers(model: nn.Module) -> dict[str, dict[str, Any]]:
     return out
 
 
-def versions() -> dict[str, str]:
-    """Library versions recorded in manifests and reports."""
+def versions(extra: tuple[str, ...] = ()) -> dict[str, str]:
+    """Library versions recorded in manifests and reports (plus ``extra`` packages, when installed)."""
     from importlib.metadata import PackageNotFoundError, version
     out = {"python": sys.version.split()[0], "torch": torch.__version__}
-    for pkg in ("lrcompress", "transformers", "numpy", "safetensors"):
+    for pkg in ("lrcompress", "transformers", "numpy", "safetensors", *extra):
         try:
             out[pkg] = version(pkg)
         except PackageNotFoundError:

@@ -118,12 +118,13 @@ def export_all(model: nn.Module, inputs: dict[str, torch.Tensor], out: str | Pat
     return rows
 
 
-def _size(p: Path) -> int:
+def size_of(p: Path) -> int:
+    """Bytes of a file, or of every file under a folder (an .mlpackage)."""
     return sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else p.stat().st_size
 
 
 def _row(target: str, path: Path, seconds: float, info: dict[str, Any]) -> dict[str, Any]:
-    return {"target": target, "path": str(path), "bytes": _size(Path(path)), "seconds": round(seconds, 3),
+    return {"target": target, "path": str(path), "bytes": size_of(Path(path)), "seconds": round(seconds, 3),
             "info": info}
 
 

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .data import TensorData, TextData
+from .edge import size_of
 from .errors import ConfigError, DataError
 
 RUNTIMES = ("torch", "onnxruntime", "coreml")
@@ -230,10 +231,6 @@ def apply_gates(report: ValidationReport, gates: dict[str, float]) -> None:
                              "by": (v - limit) if direction == "max" else (limit - v)})
 
 
-def size_of(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
-
-
 def validate(candidate: str, reference: nn.Module, reference_name: str, data: TextData | TensorData, *,
              runtime: str | None = None, threads: int = 1, batch_size: int = 8, max_length: int = 128,
              runs: int = 50, warmup: int = 5, time_budget: float | None = None, gates: Mapping[str, float] | None = None,
@@ -241,7 +238,7 @@ def validate(candidate: str, reference: nn.Module, reference_name: str, data: Te
     """Compare ``candidate`` with ``reference`` on ``data`` in ``runtime`` and apply ``gates``."""
     import exporters
 
-    from .checkpoint import MANIFEST, load
+    from .checkpoint import MANIFEST, load, versions
     if threads < 1:
         raise ConfigError(f"--threads {threads} must be >= 1; e.g. --threads 1")
     if batch_size < 1:
@@ -263,7 +260,7 @@ def validate(candidate: str, reference: nn.Module, reference_name: str, data: Te
         raise ConfigError(f"--runtime {runtime} cannot run a {kind} candidate; use --runtime {' or '.join(allowed)}")
     report = ValidationReport(candidate=candidate, reference=reference_name, runtime=runtime)
     report.setup = {"threads": threads, "batch_size": batch_size, "machine": platform.platform(),
-                    "processor": platform.processor() or platform.machine(), "versions": _versions()}
+                    "processor": platform.processor() or platform.machine(), "versions": versions(("onnx", "onnxruntime", "coremltools"))}
     batches = feeds(data, batch_size)
     lat_feed = latency_feed(data, batch_size, max_length)
     report.setup["sequence"] = next((v.shape[1] for v in lat_feed.values() if v.ndim >= 2), None)
@@ -320,16 +317,5 @@ def _model_runner(model: nn.Module, runtime: str, example: dict[str, torch.Tenso
     if runtime == "onnxruntime":
         exporters.export_onnx(model, example, onnx_path)
         return exporters.ort_runner(onnx_path, threads=threads), size_of(onnx_path)
-    return TorchRunner(model, threads), sum(q.numel() * q.element_size() for q in model.parameters())
-
-
-def _versions() -> dict[str, str]:
-    from .checkpoint import versions
-    out = versions()
-    from importlib.metadata import PackageNotFoundError, version
-    for pkg in ("onnx", "onnxruntime", "coremltools"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            pass
-    return out
+    from .pipeline import param_bytes
+    return TorchRunner(model, threads), param_bytes(model)

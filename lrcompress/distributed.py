@@ -1,0 +1,37 @@
+"""torchrun support: rank/world size (initialising the process group) and small all-reduces."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def dist_info() -> tuple[int, int]:
+    """(rank, world size); initialises the process group under torchrun."""
+    import torch.distributed as dist
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() and os.environ.get("LRCOMPRESS_DEVICE", "cpu") != "cpu" else "gloo"
+        dist.init_process_group(backend)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def all_sum(values: list[float], device: torch.device) -> list[float]:
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()):
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def all_min(value: float, device: torch.device) -> float:
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return float(t)
