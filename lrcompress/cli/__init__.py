@@ -1,0 +1,36 @@
+"""Command line: a thin click layer over the pipeline. User errors exit 2 with one line."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from ..errors import LrcompressError
+from . import compress, edge, recovery  # noqa: F401  (registers the commands on the group)
+from .common import cli
+
+__all__ = ["cli", "main"]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: maps user errors to one line on stderr and exit code 2."""
+    try:
+        code = cli.main(args=argv, prog_name="lrcompress", standalone_mode=False)
+    except click.exceptions.UsageError as e:
+        msg = " ".join(e.format_message().split())
+        click.echo(f"lrcompress: error: {msg} (see lrcompress --help)", err=True)
+        sys.exit(2)
+    except LrcompressError as e:
+        click.echo(f"lrcompress: error: {' '.join(str(e).split())}", err=True)
+        sys.exit(2)
+    except Exception as e:  # exporters' errors (a separate package, no heavy imports)
+        from exporters.errors import ExportError
+        if not isinstance(e, ExportError):
+            raise
+        click.echo(f"lrcompress: error: {' '.join(str(e).split())}", err=True)
+        sys.exit(2)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        click.echo("lrcompress: interrupted", err=True)
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)

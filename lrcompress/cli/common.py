@@ -1,0 +1,96 @@
+"""Shared CLI pieces: the click group, option sets, number parsing, progress bars."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import click
+
+from ..errors import ConfigError
+
+
+def progress_bar(total: int | None, desc: str, enabled: bool) -> Any:
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc=desc, disable=not enabled, file=sys.stderr, leave=False,
+                dynamic_ncols=True)
+
+
+def show_progress(quiet: bool, as_json: bool) -> bool:
+    return not quiet and not as_json and sys.stderr.isatty()
+
+
+def parse_number(flag: str, value: str | None, kind: type) -> Any:
+    if value is None:
+        return None
+    try:
+        return kind(value)
+    except ValueError:
+        want = "an integer, e.g. 64" if kind is int else "a number, e.g. 0.5"
+        raise ConfigError(f"{flag} {value!r} is not a number; give {want}") from None
+
+
+def parse_rank(text: str | None) -> int | tuple[int, int] | None:
+    """--rank N, or R_OUT,R_IN for tucker."""
+    if text is not None and "," in text:
+        return tuple(parse_number("--rank", part.strip(), int) for part in text.split(","))  # type: ignore[return-value]
+    return parse_number("--rank", text, int)
+
+
+def parse_tt_shape(text: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    try:
+        out_s, in_s = text.split(":")
+        return tuple(int(v) for v in out_s.split("x")), tuple(int(v) for v in in_s.split("x"))
+    except ValueError:
+        raise ConfigError(f"--tt-shape {text!r} is not OUT:IN modes; write e.g. 8x12x16:8x8x6") from None
+
+
+def check_device(device: str) -> str:
+    import torch
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise ConfigError(f"--device {device!r} is not cpu or cuda[:N]; pick one of them")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device} asked for but no CUDA device is available; use --device cpu")
+    return device
+
+
+source_options = [
+    click.option("--weights", type=str, default=None, help="Weights for the architecture (safetensors or state dict)."),
+    click.option("--trust-pickle", is_flag=True, help="Allow loading a fully pickled module (runs code from the file)."),
+]
+calib_options = [
+    click.option("--calib", "calib", type=str, default=None,
+                 help="Calibration data: text file (one example per line) or .npy/.npz/.safetensors."),
+    click.option("--max-length", type=int, default=128, show_default=True, help="Tokens per example."),
+    click.option("--calib-samples", type=int, default=None, help="Use only the first N examples (default: all)."),
+    click.option("--batch-size", type=int, default=32, show_default=True),
+    click.option("--targets", multiple=True, help="Layers to compress: exact name, glob or re:REGEX (repeatable)."),
+    click.option("--exclude", multiple=True, help="Layers to leave dense: exact name, glob or re:REGEX (repeatable)."),
+]
+
+
+def apply_options(options: list) -> Any:
+    def deco(f: Any) -> Any:
+        for opt in reversed(options):
+            f = opt(f)
+        return f
+    return deco
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="lrcompress")
+def cli() -> None:
+    """Post-training low-rank compression for PyTorch models."""
+
+
+def need_matplotlib(flag: str) -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise ConfigError(f"{flag} needs matplotlib; install it with pip install 'lrcompress[plot]'") from None
+
+
+def is_writer() -> bool:
+    """Only rank 0 of a torchrun job writes files and prints reports."""
+    import os
+    return os.environ.get("RANK", "0") == "0"

@@ -1,0 +1,208 @@
+"""CLI: compress and inspect."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import click
+
+from ..errors import ConfigError
+from .common import (
+    apply_options,
+    calib_options,
+    check_device,
+    cli,
+    is_writer,
+    need_matplotlib,
+    parse_number,
+    parse_rank,
+    parse_tt_shape,
+    progress_bar,
+    show_progress,
+    source_options,
+)
+from .recovery import (
+    finish_recovery,
+    recover_options,
+    recovery_config,
+    run_recovery,
+    state_file_for,
+)
+
+
+@cli.command()
+@click.argument("source")
+@click.option("-o", "--output", "output", type=str, default=None, help="Output folder (required unless --dry-run).")
+@apply_options(source_options + calib_options)
+@click.option("--method", type=str, default=None,
+              help="svd | svd-whiten | tucker | cp (kxk Conv2d) | tt (Linear) | shared-svd; default: svd-whiten "
+                   "with --calib, else svd.")
+@click.option("--rank", type=str, default=None,
+              help="Exact rank for every target layer (tucker: N or R_OUT,R_IN; cp: CP rank; tt: largest TT bond).")
+@click.option("--ratio", type=str, default=None, help="Fraction of parameters to keep, in (0, 1].")
+@click.option("--energy", type=str, default=None, help="Fraction of (whitened) spectral energy to keep per layer.")
+@click.option("--allocate", type=str, default="global", show_default=True, help="uniform | global (with --ratio).")
+@click.option("--scope", type=str, default="targets", show_default=True,
+              help="--ratio counts the targeted layers' params (targets) or the whole model's (model).")
+@click.option("--share-group", type=int, default=None,
+              help="--method shared-svd: layers of one role in K consecutive blocks share a basis (default 2).")
+@click.option("--tt-shape", type=str, default=None,
+              help="--method tt: explicit modes OUT:IN, e.g. 8x12x16:8x8x6 (default: balanced, automatic).")
+@click.option("--probe-passes", type=int, default=2, show_default=True,
+              help="Global allocation: rounds of measured layer sensitivity (0 = off).")
+@click.option("--solver", type=str, default="exact", show_default=True, help="exact | randomized SVD.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", type=str, default="cpu", show_default=True, help="cpu | cuda")
+@click.option("--dry-run", is_flag=True, help="Print the plan and write nothing.")
+@click.option("--recover-steps", type=int, default=0, show_default=True,
+              help="Recovery (distillation against the original) steps after factorizing; 0 = none.")
+@click.option("--recover-data", type=str, default=None, help="Recovery training data (default: --calib).")
+@click.option("--recover-batch-size", type=int, default=16, show_default=True)
+@apply_options(recover_options)
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars, no table.")
+def compress(source: str, output: str | None, weights: str | None, trust_pickle: bool, calib: str | None,
+             max_length: int, calib_samples: int | None, batch_size: int, targets: tuple, exclude: tuple,
+             method: str | None, rank: str | None, ratio: str | None, energy: str | None, allocate: str,
+             scope: str, share_group: int | None, tt_shape: str | None, probe_passes: int, solver: str, seed: int,
+             device: str, dry_run: bool, recover_steps: int, recover_data: str | None, recover_batch_size: int,
+             overwrite: bool, as_json: bool, quiet: bool, **kw: Any) -> None:
+    """Factorize SOURCE's Linear/Embedding layers and write a compressed checkpoint
+    (optionally followed by LoRA residual recovery, --recover-steps)."""
+    import copy
+
+    import torch
+
+    from ..checkpoint import check_output, save
+    from ..config import CompressConfig, method_config
+    from ..data import open_data
+    from ..pipeline import compress_, param_bytes, plan
+    from ..planning import plan_table
+    from ..sources import resolve
+
+    method = method or ("svd-whiten" if calib else "svd")
+    extra: dict[str, Any] = {}
+    if tt_shape is not None:
+        if method != "tt":
+            raise ConfigError(f"--tt-shape is only for --method tt (got --method {method}); drop it or use --method tt")
+        extra["tt_shape"] = parse_tt_shape(tt_shape)
+    if share_group is not None:
+        if method != "shared-svd":
+            raise ConfigError(f"--share-group is only for --method shared-svd (got --method {method}); drop it "
+                              "or use --method shared-svd")
+        extra["share_group"] = share_group
+    config = CompressConfig(
+        method=method_config(method, solver=solver, **extra), rank=parse_rank(rank),
+        ratio=parse_number("--ratio", ratio, float), energy=parse_number("--energy", energy, float),
+        allocate=allocate, scope=scope, targets=targets, exclude=exclude, seed=seed,
+        probe_passes=probe_passes)
+    if method == "svd-whiten" and not calib:
+        raise ConfigError("--method svd-whiten needs calibration data; pass --calib FILE or use --method svd")
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size {batch_size} must be >= 1; e.g. --batch-size 32")
+    device = check_device(device)
+    if recover_steps < 0:
+        raise ConfigError(f"--recover-steps {recover_steps} must be >= 0 (0 = no recovery); e.g. --recover-steps 300")
+    rc = recovery_config(recover_steps, kw, recover_batch_size, max_length, seed) if recover_steps else None
+    if rc is not None and not (calib or recover_data):
+        raise ConfigError("--recover-steps needs training text; pass --calib FILE or --recover-data FILE")
+    if kw.get("plot_file") and rc is not None:
+        need_matplotlib("--plot")
+    if not dry_run:
+        if output is None:
+            raise ConfigError("no output folder given; pass -o OUT (or --dry-run to only print the plan)")
+        check_output(output, overwrite)
+    torch.manual_seed(seed)
+    loaded = resolve(source, weights=weights, trust_pickle=trust_pickle)
+    data = open_data(calib, loaded.tokenizer, max_length, calib_samples) if calib else None
+    show = show_progress(quiet, as_json)
+    if dry_run:
+        p = plan(loaded.model, config, data, batch_size=batch_size)
+        click.echo(json.dumps(p.to_dict(), indent=2) if as_json else plan_table(p))
+        return
+    model = loaded.model.to(device)
+    teacher = copy.deepcopy(model) if rc is not None else None
+    train = open_data(recover_data, loaded.tokenizer, max_length) if rc is not None and recover_data else data
+    bars: dict[str, Any] = {}
+
+    def progress(stage: str, x: Any) -> None:
+        if stage not in bars:
+            for b in bars.values():
+                b.close()
+            total = len(data) if stage == "calibrate" and data is not None else None
+            bars[stage] = progress_bar(total, stage, show)
+        bars[stage].update(x if isinstance(x, int) else 1)
+
+    try:
+        report = compress_(model, config, data, batch_size=batch_size, device=device, progress=progress)
+    finally:
+        for b in bars.values():
+            b.close()
+    report.source, report.output = source, output
+    rep = None
+    if rc is not None:
+        state = state_file_for(output, kw.get("state_file"))
+        rep = run_recovery(model, teacher, rc, train, kw.get("eval_data"), loaded.tokenizer, report.stats,
+                            device, state, kw.get("resume", False), show)
+        report.recovery = rep.to_dict()
+        report.params_after = sum(q.numel() for q in model.parameters())
+        report.bytes_after = param_bytes(model)
+    if not is_writer():
+        return
+    extra = {"report.json": report.to_json() + "\n"}
+    if rep is not None:
+        extra["recovery.json"] = rep.to_json() + "\n"
+    save(model.cpu(), output, loaded.spec, plan=report.plan, side_files=loaded.side_files,
+         extra_files=extra, overwrite=overwrite)
+    if rep is not None:
+        finish_recovery(rep, state, kw.get("plot_file"))
+    if as_json:
+        click.echo(report.to_json())
+    elif not quiet:
+        click.echo(report.table())
+        if rep is not None:
+            click.echo(rep.table())
+        click.echo(f"wrote {output}")
+
+
+@cli.command()
+@click.argument("source")
+@apply_options(source_options + calib_options)
+@click.option("--ratio", type=str, default="0.5", show_default=True, help="Show the uniform rank this ratio gives.")
+@click.option("--plot", type=str, default=None, help="Write normalized spectra to this PNG (needs matplotlib).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("-q", "--quiet", is_flag=True)
+def inspect(source: str, weights: str | None, trust_pickle: bool, calib: str | None, max_length: int,
+            calib_samples: int | None, batch_size: int, targets: tuple, exclude: tuple, ratio: str,
+            plot: str | None, as_json: bool, quiet: bool) -> None:
+    """Per layer: shape, params, break-even rank, ranks for 90/99 % energy, rank at --ratio."""
+    from ..calibrate import calibrate
+    from ..config import CompressConfig
+    from ..data import open_data
+    from ..inspection import inspect as run_inspect
+    from ..sources import resolve
+    from ..targets import select_targets
+
+    r = parse_number("--ratio", ratio, float)
+    CompressConfig(ratio=r, targets=targets, exclude=exclude)  # validates ratio and patterns' syntax
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size {batch_size} must be >= 1; e.g. --batch-size 32")
+    if plot is not None:
+        need_matplotlib("--plot")
+    loaded = resolve(source, weights=weights, trust_pickle=trust_pickle)
+    stats = None
+    if calib:
+        data = open_data(calib, loaded.tokenizer, max_length, calib_samples)
+        names = select_targets(loaded.model, targets, exclude, "auto")
+        stats = calibrate(loaded.model, data.batches(batch_size), names)
+    rep = run_inspect(loaded.model, stats, ratio=r, targets=targets, exclude=exclude)
+    if plot is not None:
+        rep.plot(plot)
+    if as_json:
+        click.echo(rep.to_json())
+    elif not quiet:
+        click.echo(rep.table())
+        if plot:
+            click.echo(f"wrote {plot}")
