@@ -35,6 +35,7 @@ class Calibration:
     examples: int = 0
     tokens: int = 0
     probe: list[Batch] = field(default_factory=list, repr=False)
+    latency_inputs: dict[str, torch.Tensor] | None = field(default=None, repr=False)
 
     def __contains__(self, name: str) -> bool:
         return name in self.layers and self.layers[name].rows > 0

@@ -176,8 +176,10 @@ class CompressConfig:
     (``probe_passes`` rounds of probes on a few calibration examples; 0 = unweighted).
 
     Exactly one budget: ``rank`` (int, every target), ``ratio`` (fraction of parameters to
-    keep, of the targeted layers or of the whole model per ``scope``) or ``energy``
-    (fraction of the (whitened) spectral energy to keep per layer).
+    keep, of the targeted layers or of the whole model per ``scope``), ``energy``
+    (fraction of the (whitened) spectral energy to keep per layer) or ``latency`` (fraction
+    of the original's latency on ONNX Runtime CPU with ``latency_threads`` threads on
+    ``latency_batch`` x ``latency_seq`` inputs; layers not faster factorized stay dense).
     """
 
     method: SVDConfig = field(default_factory=WhitenedSVDConfig)
@@ -190,14 +192,30 @@ class CompressConfig:
     exclude: tuple[str, ...] = ()
     seed: int = 0
     probe_passes: int = 2
+    latency: float | None = None
+    latency_threads: int = 1
+    latency_batch: int = 1
+    latency_seq: int = 128
 
     def __post_init__(self) -> None:
-        given = [k for k in ("rank", "ratio", "energy") if getattr(self, k) is not None]
+        given = [k for k in ("rank", "ratio", "energy", "latency") if getattr(self, k) is not None]
         if len(given) != 1:
             raise ConfigError(
-                f"budget options given: {given or 'none'}; exactly one of --rank, --ratio or "
-                "--energy is needed, e.g. --ratio 0.5"
+                f"budget options given: {given or 'none'}; exactly one of --rank, --ratio, --energy or "
+                "--budget latency=F is needed, e.g. --ratio 0.5"
             )
+        if self.latency is not None:
+            lat = _check_number("--budget latency", self.latency)
+            if not 0.0 < lat <= 1.0:
+                raise ConfigError(f"--budget latency={self.latency!r} is outside (0, 1]; it is the fraction of the "
+                                  "original's measured latency to reach, e.g. --budget latency=0.6")
+            if self.method.name not in ("svd", "svd-whiten"):
+                raise ConfigError(f"--budget latency works with --method svd-whiten or svd (got {self.method.name}); "
+                                  "use --ratio for other methods")
+        for k, v in (("latency_threads", self.latency_threads), ("latency_batch", self.latency_batch),
+                     ("latency_seq", self.latency_seq)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"{k}={v!r} must be an integer >= 1; e.g. {k}=1")
         if isinstance(self.rank, (tuple, list)):
             pair = tuple(self.rank)
             if (len(pair) != 2 or any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in pair)):

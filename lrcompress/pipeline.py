@@ -37,6 +37,8 @@ def gather(model: nn.Module, config: CompressConfig, data: CalibrationLike, *, b
     if isinstance(data, (TextData, TensorData)):
         calib = calibrate(model, data.batches(batch_size), names, device=device, progress=progress)
         calib.probe = [b.to(device) for b in probe_batches(data)]
+        if config.latency is not None:
+            attach_latency_feed(calib, data, config)
         return calib
     first: list[Batch] = []
 
@@ -49,6 +51,13 @@ def gather(model: nn.Module, config: CompressConfig, data: CalibrationLike, *, b
     calib = calibrate(model, stream(), names, device=device, progress=progress)
     calib.probe = [b.to(device) for b in first]
     return calib
+
+
+def attach_latency_feed(calib: Calibration, data: TextData | TensorData, config: CompressConfig) -> None:
+    """Inputs of the latency budget's shape (batch x sequence), named as the exporters name them."""
+    from .validate import latency_feed
+    feed = latency_feed(data, config.latency_batch, config.latency_seq)
+    calib.latency_inputs = {k: torch.from_numpy(v) for k, v in feed.items()}
 
 
 def probe_batches(data: TextData | TensorData, examples: int = 16) -> list[Batch]:

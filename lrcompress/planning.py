@@ -62,6 +62,7 @@ class Plan:
     grams: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     groups: dict[str, Any] = field(default_factory=dict, repr=False)
     probe: list = field(default_factory=list, repr=False)
+    latency: dict[str, Any] | None = None
 
     def table(self) -> str:
         """The dry-run table."""
@@ -73,7 +74,8 @@ class Plan:
 
     def to_dict(self) -> dict[str, Any]:
         return {"config": self.config.to_dict(), "params_model": self.params_model,
-                "params_after": self.params_after, "layers": [l.to_dict() for l in self.layers]}
+                "params_after": self.params_after, "layers": [l.to_dict() for l in self.layers],
+                **({"latency": self.latency} if self.latency else {})}
 
 
 def break_even_rank(m: int, n: int) -> int:
@@ -202,25 +204,39 @@ def make_plan(model: nn.Module, config: CompressConfig, calib: Calibration | Non
         if budget is not None:
             budget -= sum(lp.params_after for lp, _, _ in tensor_layers)
     weights = None
-    if (config.allocate == "global" and config.ratio is not None and config.probe_passes > 0
+    latency = config.latency is not None
+    if (config.allocate == "global" and (config.ratio is not None or latency) and config.probe_passes > 0
             and calib is not None and calib.probe):
-        if budget is None:
+        if latency:
+            from .latency_plan import probe_fraction
+            frac = probe_fraction(config)
+        elif budget is None:
             _, frac = budget_for(active, config, params_model)
         else:
             frac = budget / max(sum(l.params_before for l in active), 1)
         probe_ranks = {l.name: max(1, math.floor(min(frac, 1.0) * l.params_before / sum(mn(l))))
                        for l in active}
         weights = {}
-        for i in range(config.probe_passes):
+        for i in range(1 if latency else config.probe_passes):
             if i > 0:  # re-probe at the ranks the previous weights allocate
                 probe_ranks = {k: r for k, r in allocate(active, plan.spectra, config, params_model,
                                                           weights, budget).items() if r is not None}
             weights.update(sensitivities(model, plan, active, probe_ranks, calib.probe, progress))
         for lp in active:
             lp.sensitivity = weights[lp.name]
-    ranks = allocate(active, plan.spectra, config, params_model, weights, budget) if active else {}
+    reasons: dict[str, str] = {}
+    if latency and active:
+        from .latency_plan import latency_ranks
+        example = getattr(calib, "latency_inputs", None) if calib is not None else None
+        ranks, reasons, plan.latency = latency_ranks(model, active, plan.spectra, weights, config, example)
+    else:
+        ranks = allocate(active, plan.spectra, config, params_model, weights, budget) if active else {}
     for lp in active:
         r = ranks[lp.name]
+        if lp.name in reasons:
+            lp.rank = None
+            lp.reason = "; ".join(x for x in (lp.reason, reasons[lp.name]) if x)
+            continue
         if r is None or r >= lp.break_even:
             lp.rank = None
             dense = (f"rank {r} >= break-even {lp.break_even}: kept dense" if r is not None

@@ -234,8 +234,10 @@ def apply_gates(report: ValidationReport, gates: dict[str, float]) -> None:
 def validate(candidate: str, reference: nn.Module, reference_name: str, data: TextData | TensorData, *,
              runtime: str | None = None, threads: int = 1, batch_size: int = 8, max_length: int = 128,
              runs: int = 50, warmup: int = 5, time_budget: float | None = None, gates: Mapping[str, float] | None = None,
-             trust_pickle: bool = False, progress: Callable[[str, int, int], None] | None = None) -> ValidationReport:
-    """Compare ``candidate`` with ``reference`` on ``data`` in ``runtime`` and apply ``gates``."""
+             trust_pickle: bool = False, progress: Callable[[str, int, int], None] | None = None,
+             reference_onnx: Path | None = None) -> ValidationReport:
+    """Compare ``candidate`` with ``reference`` on ``data`` in ``runtime`` and apply ``gates``.
+    ``reference_onnx``: the reference already exported (re-used across calls, e.g. by a sweep)."""
     import exporters
 
     from .checkpoint import MANIFEST, load, versions
@@ -275,8 +277,12 @@ def validate(candidate: str, reference: nn.Module, reference_name: str, data: Te
             cand_runner = exp.load(p, threads=threads) if kind != "coreml" else exp.load(p)
             report.sizes["candidate"] = size_of(p)
             select(batches[0][0], list(getattr(cand_runner, "input_names", []) or []), "candidate")
-        ref_runner, report.sizes["reference"] = _model_runner(reference, runtime, example, Path(tmp.name) / "reference.onnx",
-                                                              threads)
+        if reference_onnx is not None and runtime == "onnxruntime":
+            ref_runner, report.sizes["reference"] = exporters.ort_runner(reference_onnx, threads=threads), \
+                size_of(Path(reference_onnx))
+        else:
+            ref_runner, report.sizes["reference"] = _model_runner(reference, runtime, example,
+                                                                  Path(tmp.name) / "reference.onnx", threads)
         if kind == "folder":
             model, _ = load(p, trust_pickle=trust_pickle)
             cand_runner, report.sizes["candidate"] = _model_runner(model, runtime, example,

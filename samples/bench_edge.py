@@ -4,13 +4,17 @@ as ONNX on ONNX Runtime CPU: file size, latency, and embedding drift vs the orig
 Calibration = samples/calib.txt (256 sentences), held out = samples/eval.txt (500).
 Latency: 1 thread batch 1 seq 128, and 2 threads batch 8 seq 128 (padded), 5 warm-up + 50 runs.
 Cosine: normalized mean-pooled last hidden state (the sentence embedding) vs torch fp32 original.
+int8 = dynamic quantization, per-channel weight scales, MatMul + Gather (embedding tables).
+--recover-steps N adds rows for each low-rank model after N steps of recovery (default settings,
+training text = samples/train.txt, disjoint from eval.txt).
 
-    python samples/bench_edge.py [--runs 50] [--keep DIR]
+    python samples/bench_edge.py [--runs 50] [--keep DIR] [--ratios 0.75,0.5] [--recover-steps 1000]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import tempfile
 import time
@@ -54,6 +58,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=50)
     ap.add_argument("--keep", type=str, default=None, help="keep the artifacts in this folder")
+    ap.add_argument("--ratios", type=str, default="0.75,0.5", help="fractions of params kept")
+    ap.add_argument("--recover-steps", type=int, default=0, help="also recover each low-rank model")
     args = ap.parse_args()
     torch.set_num_threads(2)
     loaded = lrcompress.resolve("minilm")
@@ -66,9 +72,20 @@ def main() -> None:
     example = {k: v for k, v in tok(["a sample sentence for export"], return_tensors="pt").items()}
     models = {"original": orig}
     stats = lrcompress.pipeline.gather(orig, lrcompress.CompressConfig(ratio=0.5, scope="model"), calib)
-    for ratio in (0.75, 0.5):
+    ratios = [float(r) for r in args.ratios.split(",")]
+    for ratio in ratios:
         cfg = lrcompress.CompressConfig(ratio=ratio, scope="model")
         models[f"lowrank {ratio:.2f}"], _ = lrcompress.compress(orig, cfg, stats)
+    if args.recover_steps:
+        from lrcompress.config import RecoveryConfig
+        from lrcompress.recovery import recover
+        train = TextData(read_lines(HERE / "train.txt"), tok, 128)
+        for ratio in ratios:
+            student = copy.deepcopy(models[f"lowrank {ratio:.2f}"])
+            t = time.perf_counter()
+            recover(student, orig, train, RecoveryConfig(steps=args.recover_steps, patience=0))
+            print(f"recovered {ratio:.2f} in {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)
+            models[f"lowrank {ratio:.2f} rec"] = student.eval()
     cfg_l, cfg_h = orig.config.num_hidden_layers, orig.config.hidden_size
     rows = []
     fixed1 = {k: v.astype(np.int64) for k, v in tok(held[:1], padding="max_length", max_length=128,

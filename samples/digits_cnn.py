@@ -6,7 +6,8 @@ Use from Python (``build``, ``load_data``, ``train``, ``accuracy``) or as a scri
     lrcompress inspect samples/digits_cnn.py:build --weights DIR/digits_cnn.safetensors --calib DIR/calib.npy
 
 The script writes ``DIR/digits_cnn.safetensors`` (state dict), ``DIR/calib.npy`` (256 training
-images, float32, (256, 1, 8, 8)) and ``DIR/test.npz`` (``x``, ``y``: the held-out split).
+images, float32, (256, 1, 8, 8)), ``DIR/test.npz`` (``x``, ``y``: the held-out split) and
+``DIR/test_x.npy`` (its images alone). ``samples/digits/`` holds this output (seed 0) for the recipe.
 Inputs are (N, 1, 8, 8) float32 in [0, 1] (pixel / 16); outputs are 10 logits.
 """
 
@@ -125,11 +126,13 @@ def save_artifacts(model: nn.Module, data: tuple[torch.Tensor, ...], out: str | 
     x_tr, _, x_te, y_te = data
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"weights": out / "digits_cnn.safetensors", "calib": out / "calib.npy", "test": out / "test.npz"}
+    paths = {"weights": out / "digits_cnn.safetensors", "calib": out / "calib.npy", "test": out / "test.npz",
+             "test_x": out / "test_x.npy"}
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(paths["weights"]))
     np.save(paths["calib"], x_tr[:CALIB_SIZE].numpy().astype(np.float32))
     np.savez(paths["test"], x=x_te.numpy().astype(np.float32), y=y_te.numpy())
+    np.save(paths["test_x"], x_te.numpy().astype(np.float32))  # inputs only: validate's --data
     return paths
 
 

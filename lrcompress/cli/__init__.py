@@ -7,7 +7,7 @@ import sys
 import click
 
 from ..errors import LrcompressError
-from . import compress, edge, recovery  # noqa: F401  (registers the commands on the group)
+from . import compress, edge, recovery, workflow  # noqa: F401  (registers the commands on the group)
 from .common import cli
 
 __all__ = ["cli", "main"]

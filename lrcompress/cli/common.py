@@ -30,6 +30,16 @@ def parse_number(flag: str, value: str | None, kind: type) -> Any:
         raise ConfigError(f"{flag} {value!r} is not a number; give {want}") from None
 
 
+def parse_budget(text: str) -> tuple[str, Any]:
+    """``--budget KIND=VALUE`` -> (kind, value) for latency, ratio, energy (floats) or rank (int)."""
+    kind, sep, value = text.partition("=")
+    kinds = ("latency", "ratio", "energy", "rank")
+    if not sep or kind not in kinds:
+        raise ConfigError(f"--budget {text!r} must be KIND=VALUE with KIND one of {', '.join(kinds)}; e.g. "
+                          "--budget latency=0.6")
+    return kind, (parse_rank(value) if kind == "rank" else parse_number(f"--budget {kind}", value, float))
+
+
 def parse_rank(text: str | None) -> int | tuple[int, int] | None:
     """--rank N, or R_OUT,R_IN for tucker."""
     if text is not None and "," in text:

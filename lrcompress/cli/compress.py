@@ -16,6 +16,7 @@ from .common import (
     is_writer,
     need_matplotlib,
     parse_number,
+    parse_budget,
     parse_rank,
     parse_tt_shape,
     progress_bar,
@@ -42,6 +43,10 @@ from .recovery import (
               help="Exact rank for every target layer (tucker: N or R_OUT,R_IN; cp: CP rank; tt: largest TT bond).")
 @click.option("--ratio", type=str, default=None, help="Fraction of parameters to keep, in (0, 1].")
 @click.option("--energy", type=str, default=None, help="Fraction of (whitened) spectral energy to keep per layer.")
+@click.option("--budget", type=str, default=None,
+              help="latency=F: reach F x the original's ONNX Runtime latency (1 thread, batch 1, --max-length "
+                   "tokens); layers not faster factorized stay dense. ratio=F / energy=F / rank=N also accepted.")
+@click.option("--latency-threads", type=int, default=1, show_default=True, help="Threads for --budget latency.")
 @click.option("--allocate", type=str, default="global", show_default=True, help="uniform | global (with --ratio).")
 @click.option("--scope", type=str, default="targets", show_default=True,
               help="--ratio counts the targeted layers' params (targets) or the whole model's (model).")
@@ -60,12 +65,15 @@ from .recovery import (
 @click.option("--recover-data", type=str, default=None, help="Recovery training data (default: --calib).")
 @click.option("--recover-batch-size", type=int, default=16, show_default=True)
 @apply_options(recover_options)
+@click.option("--save-recipe", type=str, default=None,
+              help="Write the equivalent recipe (lrcompress run FILE reproduces this run).")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars, no table.")
 def compress(source: str, output: str | None, weights: str | None, trust_pickle: bool, calib: str | None,
              max_length: int, calib_samples: int | None, batch_size: int, targets: tuple, exclude: tuple,
-             method: str | None, rank: str | None, ratio: str | None, energy: str | None, allocate: str,
+             method: str | None, rank: str | None, ratio: str | None, energy: str | None, budget: str | None,
+             latency_threads: int, save_recipe: str | None, allocate: str,
              scope: str, share_group: int | None, tt_shape: str | None, probe_passes: int, solver: str, seed: int,
              device: str, dry_run: bool, recover_steps: int, recover_data: str | None, recover_batch_size: int,
              overwrite: bool, as_json: bool, quiet: bool, **kw: Any) -> None:
@@ -93,11 +101,18 @@ def compress(source: str, output: str | None, weights: str | None, trust_pickle:
             raise ConfigError(f"--share-group is only for --method shared-svd (got --method {method}); drop it "
                               "or use --method shared-svd")
         extra["share_group"] = share_group
+    budgets = {"rank": parse_rank(rank), "ratio": parse_number("--ratio", ratio, float),
+               "energy": parse_number("--energy", energy, float)}
+    if budget is not None:
+        kind, value = parse_budget(budget)
+        if budgets.get(kind) is not None or any(v is not None for v in budgets.values()):
+            given = [f"--{k}" for k, v in budgets.items() if v is not None]
+            raise ConfigError(f"--budget {budget} contradicts {', '.join(given)}; give one budget")
+        budgets[kind] = value
     config = CompressConfig(
-        method=method_config(method, solver=solver, **extra), rank=parse_rank(rank),
-        ratio=parse_number("--ratio", ratio, float), energy=parse_number("--energy", energy, float),
+        method=method_config(method, solver=solver, **extra), **budgets,
         allocate=allocate, scope=scope, targets=targets, exclude=exclude, seed=seed,
-        probe_passes=probe_passes)
+        probe_passes=probe_passes, latency_threads=latency_threads, latency_seq=max_length)
     if method == "svd-whiten" and not calib:
         raise ConfigError("--method svd-whiten needs calibration data; pass --calib FILE or use --method svd")
     if batch_size < 1:
@@ -114,6 +129,13 @@ def compress(source: str, output: str | None, weights: str | None, trust_pickle:
         if output is None:
             raise ConfigError("no output folder given; pass -o OUT (or --dry-run to only print the plan)")
         check_output(output, overwrite)
+    if save_recipe is not None:
+        from ..recipe import Recipe, DataSection, RecoverySection, section_from_config, write_recipe
+        recipe = Recipe(source, weights, DataSection(calib=calib, max_length=max_length, calib_samples=calib_samples,
+                                                     batch_size=batch_size),
+                        section_from_config(config, device),
+                        RecoverySection(rc, recover_data, kw.get("eval_data")) if rc is not None else None)
+        write_recipe(recipe, save_recipe)
     torch.manual_seed(seed)
     loaded = resolve(source, weights=weights, trust_pickle=trust_pickle)
     data = open_data(calib, loaded.tokenizer, max_length, calib_samples) if calib else None
