@@ -149,6 +149,16 @@ class Recipe:
             return f"{self.path(file)}:{fn}" if file.endswith(".py") else s
         return self.path(s) or s
 
+    def resolved(self) -> "Recipe":
+        """The same recipe with every path usable from the current directory (base ".")."""
+        d, rec = self.data, self.recovery
+        data = DataSection(**{**{f.name: getattr(d, f.name) for f in fields(d)},
+                              "calib": self.path(d.calib), "eval": self.path(d.eval)})
+        if rec is not None:
+            rec = RecoverySection(rec.config, self.path(rec.data), self.path(rec.eval_data))
+        return Recipe(self.source_path(), self.path(self.weights), data, self.compress, rec, self.export,
+                      self.validate, base=".")
+
 
 # ---------------------------------------------------------------- parsing
 
@@ -294,7 +304,11 @@ def parse_recipe(doc: dict[str, Any], base: str = ".") -> Recipe:
         _check_table("[validate]", v, list(_VALIDATE))
         val = ValidateSection(**_fields_of(v, "[validate]", _VALIDATE))
         from .validate import check_gates
-        check_gates(val.gates)
+        for g, limit in val.gates.items():
+            try:
+                check_gates({g: limit})
+            except ConfigError as e:
+                raise ConfigError(f"recipe [validate].{g} = {limit!r}: {e}") from None
         if val.artifact not in ("onnx", "ort", "coreml", "model"):
             raise ConfigError(f"recipe [validate].artifact = {val.artifact!r} must be one of onnx, ort, coreml, model")
         for k in ("threads", "batch_size", "runs"):
@@ -405,13 +419,19 @@ def dump_recipe(r: Recipe) -> str:
     return "\n".join(out) + "\n"
 
 
-def write_recipe(r: Recipe, path: str | os.PathLike[str]) -> Path:
-    """Write ``r`` with its paths made relative to ``path``'s folder; atomic."""
+def check_recipe_target(path: str | os.PathLike[str], flag: str = "--save-recipe") -> Path:
+    """Refuse a recipe destination that cannot be written (before any work is done)."""
     p = Path(path)
     if p.is_dir():
-        raise ConfigError(f"--save-recipe {str(path)!r} is a folder; give a file path such as recipe.toml")
-    if not p.parent.exists():
-        raise ConfigError(f"--save-recipe {str(path)!r}: folder {str(p.parent)!r} does not exist; create it first")
+        raise ConfigError(f"{flag} {str(path)!r} is a folder; give a file path such as recipe.toml")
+    if not p.parent.is_dir():
+        raise ConfigError(f"{flag} {str(path)!r}: folder {str(p.parent)!r} does not exist; create it first")
+    return p
+
+
+def write_recipe(r: Recipe, path: str | os.PathLike[str]) -> Path:
+    """Write ``r`` with its paths made relative to ``path``'s folder; atomic."""
+    p = check_recipe_target(path)
     base = str(p.parent)
     rel = lambda s: _rel(s, base)  # noqa: E731
     src = r.source
@@ -443,3 +463,15 @@ def section_from_config(config: Any, device: str = "cpu") -> CompressSection:
                            probe_passes=config.probe_passes, latency_threads=config.latency_threads,
                            latency_batch=config.latency_batch, latency_seq=config.latency_seq, options=opts,
                            device=device)
+
+
+def suggest_recipe(source: str, weights: str | None, calib: str, max_length: int, calib_samples: int | None,
+                   batch_size: int, plan: Any) -> Recipe:
+    """A recipe pinning ``plan``'s per-layer ranks (one exact-name rule per layer; dense layers
+    as dense rules), so that it can be edited layer by layer and re-run."""
+    rules = tuple(Rule(match=l.name, rank=l.rank) if l.rank is not None else Rule(match=l.name, dense=True)
+                  for l in plan.layers if l.kind != "conv")
+    section = section_from_config(plan.config)
+    section = CompressSection(**{**{f.name: getattr(section, f.name) for f in fields(section)}, "rules": rules})
+    return Recipe(source, weights, DataSection(calib=calib, max_length=max_length, calib_samples=calib_samples,
+                                               batch_size=batch_size), section)

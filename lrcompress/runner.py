@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import ConfigError
-from .recipe import Recipe, dump_recipe
+from .recipe import Recipe, dump_recipe, write_recipe
 
 Progress = Callable[[str, str], None]
 
@@ -67,6 +67,9 @@ def run_recipe(recipe: Recipe, out: str | Path, *, overwrite: bool = False,
     d = recipe.data
     calib = open_data(calib_path, loaded.tokenizer, d.max_length, d.calib_samples) if calib_path else None
     held = open_data(eval_path, loaded.tokenizer, d.max_length, d.eval_samples) if eval_path else None
+    if recipe.compress is not None and recipe.compress.rules:
+        from .rules import assign
+        assign(loaded.model, recipe.compress)  # rule errors before any stage starts
     report: dict[str, Any] = {"recipe": json.loads(json.dumps(_recipe_dict(recipe))), "source": recipe.source}
     t_all = time.perf_counter()
     model = loaded.model
@@ -122,7 +125,7 @@ def run_recipe(recipe: Recipe, out: str | Path, *, overwrite: bool = False,
             exit_code = 1 if vrep.failed else 0
         report["seconds"] = round(time.perf_counter() - t_all, 2)
         report["exit_code"] = exit_code
-        (tmp / "recipe.toml").write_text(dump_recipe(recipe))
+        write_recipe(recipe.resolved(), tmp / "recipe.toml")  # paths relative to the output folder
         (tmp / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
         (tmp / "report.md").write_text(markdown(report))
     return report

@@ -115,7 +115,7 @@ def test_cp_exact_factors_reproduce_dense_every_padding_mode(spec) -> None:
     assert _rel(m(x), conv(x)) < 1e-5
     m2, f = cp_mod.cp_module(conv, 8)
     assert m2(x).shape == conv(x).shape and f.fit > 0.99
-    assert f"rank=8" in repr(m2)
+    assert "rank=8" in repr(m2)
 
 
 def test_tucker_error_matches_hooi_and_closed_forms() -> None:

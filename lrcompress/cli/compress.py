@@ -129,13 +129,14 @@ def compress(source: str, output: str | None, weights: str | None, trust_pickle:
         if output is None:
             raise ConfigError("no output folder given; pass -o OUT (or --dry-run to only print the plan)")
         check_output(output, overwrite)
+    recipe = None
     if save_recipe is not None:
-        from ..recipe import Recipe, DataSection, RecoverySection, section_from_config, write_recipe
+        from ..recipe import DataSection, Recipe, RecoverySection, check_recipe_target, section_from_config
+        check_recipe_target(save_recipe)
         recipe = Recipe(source, weights, DataSection(calib=calib, max_length=max_length, calib_samples=calib_samples,
                                                      batch_size=batch_size),
                         section_from_config(config, device),
                         RecoverySection(rc, recover_data, kw.get("eval_data")) if rc is not None else None)
-        write_recipe(recipe, save_recipe)
     torch.manual_seed(seed)
     loaded = resolve(source, weights=weights, trust_pickle=trust_pickle)
     data = open_data(calib, loaded.tokenizer, max_length, calib_samples) if calib else None
@@ -180,6 +181,9 @@ def compress(source: str, output: str | None, weights: str | None, trust_pickle:
          extra_files=extra, overwrite=overwrite)
     if rep is not None:
         finish_recovery(rep, state, kw.get("plot_file"))
+    if recipe is not None:
+        from ..recipe import write_recipe
+        write_recipe(recipe, save_recipe)
     if as_json:
         click.echo(report.to_json())
     elif not quiet:
@@ -194,12 +198,15 @@ def compress(source: str, output: str | None, weights: str | None, trust_pickle:
 @apply_options(source_options + calib_options)
 @click.option("--ratio", type=str, default="0.5", show_default=True, help="Show the uniform rank this ratio gives.")
 @click.option("--plot", type=str, default=None, help="Write normalized spectra to this PNG (needs matplotlib).")
+@click.option("--suggest-recipe", type=str, default=None,
+              help="Write a recipe with the per-layer ranks the global allocation picks at --ratio (needs --calib).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.option("-q", "--quiet", is_flag=True)
 def inspect(source: str, weights: str | None, trust_pickle: bool, calib: str | None, max_length: int,
             calib_samples: int | None, batch_size: int, targets: tuple, exclude: tuple, ratio: str,
-            plot: str | None, as_json: bool, quiet: bool) -> None:
-    """Per layer: shape, params, break-even rank, ranks for 90/99 % energy, rank at --ratio."""
+            plot: str | None, suggest_recipe: str | None, as_json: bool, quiet: bool) -> None:
+    """Per layer: shape, params, break-even rank, ranks for 90/99 % energy, rank at --ratio;
+    --suggest-recipe writes those ranks as a recipe."""
     from ..calibrate import calibrate
     from ..config import CompressConfig
     from ..data import open_data
@@ -213,6 +220,12 @@ def inspect(source: str, weights: str | None, trust_pickle: bool, calib: str | N
         raise ConfigError(f"--batch-size {batch_size} must be >= 1; e.g. --batch-size 32")
     if plot is not None:
         need_matplotlib("--plot")
+    if suggest_recipe is not None:
+        from ..recipe import check_recipe_target
+        if not calib:
+            raise ConfigError("--suggest-recipe needs --calib FILE: the ranks come from the whitened spectra and "
+                              "measured sensitivities")
+        check_recipe_target(suggest_recipe, "--suggest-recipe")
     loaded = resolve(source, weights=weights, trust_pickle=trust_pickle)
     stats = None
     if calib:
@@ -222,9 +235,17 @@ def inspect(source: str, weights: str | None, trust_pickle: bool, calib: str | N
     rep = run_inspect(loaded.model, stats, ratio=r, targets=targets, exclude=exclude)
     if plot is not None:
         rep.plot(plot)
+    if suggest_recipe is not None:
+        from ..recipe import suggest_recipe as suggest
+        from ..recipe import write_recipe
+        from ..pipeline import plan
+        p = plan(loaded.model, CompressConfig(ratio=r, targets=targets, exclude=exclude), data, batch_size=batch_size)
+        write_recipe(suggest(source, weights, calib, max_length, calib_samples, batch_size, p), suggest_recipe)
     if as_json:
         click.echo(rep.to_json())
     elif not quiet:
         click.echo(rep.table())
         if plot:
             click.echo(f"wrote {plot}")
+        if suggest_recipe:
+            click.echo(f"wrote {suggest_recipe} (lrcompress run {suggest_recipe} -o OUT)")

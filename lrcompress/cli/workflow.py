@@ -24,6 +24,9 @@ def run(recipe_file: str, output: str, save_recipe: str | None, overwrite: bool,
     from ..runner import markdown, run_recipe
 
     recipe = load_recipe(recipe_file)
+    if save_recipe:
+        from ..recipe import check_recipe_target
+        check_recipe_target(save_recipe)
 
     def say(stage: str, msg: str) -> None:
         if not quiet and not as_json:
