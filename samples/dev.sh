@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Fresh-machine entry point: sets up .venv (CPU torch first), then runs what is asked.
-#   bash samples/dev.sh minilm [OUT]   compress the embedded MiniLM on samples/calib.txt
+#   bash samples/dev.sh minilm [OUT]   run samples/minilm/recipe.toml (compress, export, validate MiniLM)
 #   bash samples/dev.sh test [ARGS]    run the test suite (pytest ARGS)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,9 +22,8 @@ shift || true
 case "$cmd" in
   minilm)
     setup
-    out="${1:-out/minilm-50}"
-    .venv/bin/lrcompress compress minilm --calib samples/calib.txt --max-length 128 \
-      --method svd-whiten --ratio 0.5 --scope model -o "$out" --overwrite
+    out="${1:-out/minilm-run}"
+    .venv/bin/lrcompress run samples/minilm/recipe.toml -o "$out" --overwrite
     ;;
   test)
     setup

@@ -253,3 +253,18 @@ def test_inspect_suggests_a_recipe_that_runs(tmp_path: Path, capsys: pytest.Capt
     rep = json.loads((tmp_path / "o" / "report.json").read_text())
     assert rep["compression"]["totals"]["params_after"] <= 0.5 * rep["compression"]["totals"]["params_before"] * 1.05
     shutil.rmtree(tmp_path / "o")
+
+
+def test_readme_recipe_reference_is_generated() -> None:
+    from lrcompress.recipe_doc import BEGIN, END, reference
+    text = (ROOT / "README.md").read_text()
+    assert text.split(BEGIN)[1].split(END)[0].strip() == reference().strip()
+
+
+def test_readme_recipe_example_parses() -> None:
+    """The README's recipe example is a valid recipe."""
+    import tomllib
+    text = (ROOT / "README.md").read_text()
+    block = text.split("```toml\n")[1].split("```")[0]
+    r = parse_recipe(tomllib.loads(block))
+    assert r.compress.rules[0].ratio == 0.8 and r.compress.rules[1].dense and r.validate.artifact == "ort"

@@ -1,0 +1,96 @@
+"""Workflow benchmark (issue 6) on MiniLM, ONNX Runtime CPU, 1 thread, batch 1, seq 128:
+
+1. the sweep (ratios x {svd-whiten, svd} x {none, int8}) with its Pareto front, the plot
+   written to samples/minilm/pareto.png;
+2. --budget latency=F: plan, compress, export, validate; its measured latency vs F x the
+   original's, and its cosine vs the best sweep point at or below that latency;
+3. wall time of a full `lrcompress run samples/minilm/recipe.toml` (no recovery).
+
+    python samples/bench_workflow.py [--samples 200] [--latency 0.6] [--skip-run]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).parent
+
+
+def main() -> None:
+    import torch
+
+    import lrcompress
+    from lrcompress.config import CompressConfig
+    from lrcompress.data import TextData, read_lines
+    from lrcompress.pipeline import compress, gather
+    from lrcompress.sweep import pareto_plot, run_sweep, sweep_table
+    from lrcompress.validate import validate
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--samples", type=int, default=200, help="held-out sentences (samples/eval.txt)")
+    ap.add_argument("--ratios", type=str, default="0.9,0.75,0.5,0.35")
+    ap.add_argument("--latency", type=float, default=0.6)
+    ap.add_argument("--runs", type=int, default=50)
+    ap.add_argument("--skip-run", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    loaded = lrcompress.resolve("minilm")
+    tok = loaded.tokenizer
+    calib = TextData(read_lines(HERE / "calib.txt"), tok, 128)
+    held = TextData(read_lines(HERE / "eval.txt", args.samples), tok, 128)
+    ratios = [float(r) for r in args.ratios.split(",")]
+    t = time.perf_counter()
+    points = run_sweep(loaded, calib, held, ratios, ["svd-whiten", "svd"], ["none", "int8"], runs=args.runs,
+                       progress=lambda m: print(m, file=sys.stderr, flush=True))
+    sweep_s = time.perf_counter() - t
+    (HERE / "minilm" / "sweep.json").write_text(json.dumps(points, indent=2) + "\n")
+    pareto_plot(points, str(HERE / "minilm" / "pareto.png"), title="MiniLM, ORT CPU 1 thread")
+    print(sweep_table(points))
+    print(f"sweep: {len(points)} points in {sweep_s:.0f} s")
+
+    # latency-aware planning
+    cfg = CompressConfig(latency=args.latency, latency_threads=1, latency_batch=1, latency_seq=128)
+    t = time.perf_counter()
+    stats = gather(loaded.model, cfg, calib)
+    student, rep = compress(loaded.model, cfg, stats)
+    plan_s = time.perf_counter() - t
+    lat = rep.plan.get("latency", {})
+    with tempfile.TemporaryDirectory() as tmp:
+        import exporters
+        from lrcompress.edge import example_inputs
+        path = exporters.export_onnx(student.eval(), example_inputs(tok), Path(tmp) / "lat.onnx").path
+        v = validate(str(path), loaded.model, "minilm", held, threads=1, batch_size=1, runs=args.runs)
+    out = next(iter(v.outputs.values()))
+    ratio = v.latency["candidate"]["p50_ms"] / v.latency["reference"]["p50_ms"]
+    print(f"\n--budget latency={args.latency}: params {rep.params_after:,} ({rep.ratio:.1%}); plan "
+          f"{plan_s:.0f} s; predicted {lat.get('predicted_ms')} ms of {lat.get('original_ms')} ms "
+          f"(budget {lat.get('budget_ms')} ms)")
+    print(f"  validated p50 {v.latency['candidate']['p50_ms']:.2f} ms vs original {v.latency['reference']['p50_ms']:.2f} "
+          f"ms = {ratio:.3f} (goal <= {args.latency}); cos mean {out['cos_mean']:.4f} worst {out['cos_worst']:.4f}")
+    base = next(p for p in points if p["label"] == "original")
+    for quant in ("none", "int8"):
+        fast = [p for p in points if p["quantize"] == quant and p["p50_ms"] <= ratio * base["p50_ms"] * 1.02
+                and p["label"] != "original"]
+        best = max(fast, key=lambda p: p["cos_mean"]) if fast else None
+        print(f"  best sweep point ({quant}) at <= this latency: "
+              + (f"{best['label']} p50 {best['p50_ms']:.2f} ms cos {best['cos_mean']:.4f}" if best else "none"))
+
+    if not args.skip_run:
+        with tempfile.TemporaryDirectory() as tmp:
+            t = time.perf_counter()
+            r = subprocess.run([sys.executable, "-m", "lrcompress", "run", str(HERE / "minilm" / "recipe.toml"),
+                                "-o", str(Path(tmp) / "run"), "-q"], capture_output=True, text=True)
+            run_s = time.perf_counter() - t
+            print(f"\nlrcompress run samples/minilm/recipe.toml: exit {r.returncode} in {run_s:.0f} s (goal <= 180 s)")
+            if r.returncode not in (0, 1):
+                print(r.stderr[-2000:])
+
+
+if __name__ == "__main__":
+    main()
