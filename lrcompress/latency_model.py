@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
-from .tensor_plan import _hull
+from .tensor_plan import _hull, hull_greedy
 
 OPSET = 18
 IR_VERSION = 9  # accepted by onnxruntime >= 1.16
@@ -221,18 +221,4 @@ def allocate_latency(options: dict[str, list[tuple[float, float, object]]], budg
     if spent > budget_ms + tol:
         raise ConfigError(f"latency budget {budget_ms:.4g} ms is below the minimum reachable {spent:.4g} ms "
                           "(cheapest option of every layer); raise the latency budget")
-    pos = dict.fromkeys(hulls, 0)
-    while True:
-        best, best_gain = None, 0.0
-        for name, h in hulls.items():
-            i = pos[name]
-            if i + 1 < len(h):
-                dc = h[i + 1][0] - h[i][0]
-                gain = (h[i][1] - h[i + 1][1]) / dc  # hull costs strictly increase: dc > 0
-                if spent + dc <= budget_ms + tol and gain > best_gain:
-                    best, best_gain = name, gain
-        if best is None:
-            break
-        spent += hulls[best][pos[best] + 1][0] - hulls[best][pos[best]][0]
-        pos[best] += 1
-    return {name: h[pos[name]][2] for name, h in hulls.items()}
+    return hull_greedy(hulls, budget_ms, tol)

@@ -282,23 +282,30 @@ def allocate_tucker(layers: list[tuple[Any, nn.Module]], grams: dict[str, torch.
                 if n < lp.params_before:
                     opts.append((n, lo[ro] + li[ri], (ro, ri)))
         hulls[lp.name] = _hull(opts)
-    pos = {name: 0 for name in hulls}
     spent = sum(h[0][0] for h in hulls.values())
     if spent > budget:
         raise ConfigError(f"the budget ({int(budget)} params) cannot hold even rank (1, 1) for every Tucker "
                           f"layer ({spent} params); raise --ratio or narrow --targets")
+    return hull_greedy(hulls, budget)
+
+
+def hull_greedy(hulls: dict[str, list], budget: float, tol: float = 0.0) -> dict[str, Any]:
+    """Start every layer at the cheapest point of its lower convex hull of (cost, loss, choice)
+    and take, while one fits ``budget`` (+ ``tol``), the step with the largest loss decrease per
+    unit of cost. Returns name -> choice."""
+    pos = dict.fromkeys(hulls, 0)
+    spent = sum(h[0][0] for h in hulls.values())
     while True:
         best, best_gain = None, 0.0
         for name, h in hulls.items():
             i = pos[name]
             if i + 1 < len(h):
-                dp = h[i + 1][0] - h[i][0]
-                gain = (h[i][1] - h[i + 1][1]) / max(dp, 1)
-                if spent + dp <= budget and gain > best_gain:
+                dc = h[i + 1][0] - h[i][0]  # hull costs strictly increase
+                gain = (h[i][1] - h[i + 1][1]) / dc
+                if spent + dc <= budget + tol and gain > best_gain:
                     best, best_gain = name, gain
         if best is None:
             break
-        i = pos[best]
-        spent += hulls[best][i + 1][0] - hulls[best][i][0]
-        pos[best] = i + 1
+        spent += hulls[best][pos[best] + 1][0] - hulls[best][pos[best]][0]
+        pos[best] += 1
     return {name: h[pos[name]][2] for name, h in hulls.items()}
