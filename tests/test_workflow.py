@@ -253,6 +253,11 @@ def test_inspect_suggests_a_recipe_that_runs(tmp_path: Path, capsys: pytest.Capt
     rep = json.loads((tmp_path / "o" / "report.json").read_text())
     assert rep["compression"]["totals"]["params_after"] <= 0.5 * rep["compression"]["totals"]["params_before"] * 1.05
     shutil.rmtree(tmp_path / "o")
+    code, stdout, err = cli(["inspect", MLP, "--calib", calib, "--ratio", "0.5", "--suggest-recipe", "-"], capsys)
+    import tomllib
+    assert code == 0, err
+    printed = parse_recipe(tomllib.loads(stdout))
+    assert [(x.match, x.rank, x.dense) for x in printed.compress.rules] == [(x.match, x.rank, x.dense) for x in r.compress.rules]
 
 
 def test_readme_recipe_reference_is_generated() -> None:

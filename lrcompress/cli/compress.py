@@ -101,6 +101,8 @@ def compress(source: str, output: str | None, weights: str | None, trust_pickle:
             raise ConfigError(f"--share-group is only for --method shared-svd (got --method {method}); drop it "
                               "or use --method shared-svd")
         extra["share_group"] = share_group
+    if max_length < 1:
+        raise ConfigError(f"--max-length {max_length} must be >= 1; e.g. --max-length 128")
     budgets = {"rank": parse_rank(rank), "ratio": parse_number("--ratio", ratio, float),
                "energy": parse_number("--energy", energy, float)}
     if budget is not None:
@@ -199,7 +201,8 @@ def compress(source: str, output: str | None, weights: str | None, trust_pickle:
 @click.option("--ratio", type=str, default="0.5", show_default=True, help="Show the uniform rank this ratio gives.")
 @click.option("--plot", type=str, default=None, help="Write normalized spectra to this PNG (needs matplotlib).")
 @click.option("--suggest-recipe", type=str, default=None,
-              help="Write a recipe with the per-layer ranks the global allocation picks at --ratio (needs --calib).")
+              help="Write a recipe with the per-layer ranks the global allocation picks at --ratio (needs --calib; "
+                   "'-' prints it).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.option("-q", "--quiet", is_flag=True)
 def inspect(source: str, weights: str | None, trust_pickle: bool, calib: str | None, max_length: int,
@@ -225,7 +228,8 @@ def inspect(source: str, weights: str | None, trust_pickle: bool, calib: str | N
         if not calib:
             raise ConfigError("--suggest-recipe needs --calib FILE: the ranks come from the whitened spectra and "
                               "measured sensitivities")
-        check_recipe_target(suggest_recipe, "--suggest-recipe")
+        if suggest_recipe != "-":
+            check_recipe_target(suggest_recipe, "--suggest-recipe")
     loaded = resolve(source, weights=weights, trust_pickle=trust_pickle)
     stats = None
     if calib:
@@ -240,7 +244,12 @@ def inspect(source: str, weights: str | None, trust_pickle: bool, calib: str | N
         from ..recipe import write_recipe
         from ..pipeline import plan
         p = plan(loaded.model, CompressConfig(ratio=r, targets=targets, exclude=exclude), data, batch_size=batch_size)
-        write_recipe(suggest(source, weights, calib, max_length, calib_samples, batch_size, p), suggest_recipe)
+        suggestion = suggest(source, weights, calib, max_length, calib_samples, batch_size, p)
+        if suggest_recipe == "-":
+            from ..recipe import dump_recipe
+            click.echo(dump_recipe(suggestion), nl=False)
+            return
+        write_recipe(suggestion, suggest_recipe)
     if as_json:
         click.echo(rep.to_json())
     elif not quiet:
