@@ -273,3 +273,28 @@ def test_readme_recipe_example_parses() -> None:
     block = text.split("```toml\n")[1].split("```")[0]
     r = parse_recipe(tomllib.loads(block))
     assert r.compress.rules[0].ratio == 0.8 and r.compress.rules[1].dense and r.validate.artifact == "ort"
+
+
+def test_recipe_with_recovery_records_it(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    calib = mlp_calib(tmp_path, n=96)
+    (tmp_path / "r.toml").write_text(f"""
+source = "{MLP}"
+[data]
+calib = "{calib.name}"
+[compress]
+ratio = 0.5
+[recovery]
+steps = 6
+batch_size = 8
+eval_every = 3
+lr = 0.001
+""")
+    code, _, err = cli(["run", tmp_path / "r.toml", "-o", tmp_path / "o", "-q"], capsys)
+    assert code == 0, err
+    rep = json.loads((tmp_path / "o" / "report.json").read_text())
+    rec = rep["compression"]["recovery"]
+    assert rec["steps"] == 6 and rec["after_fold"]["loss"] <= rec["before"]["loss"] + 1e-9
+    assert (tmp_path / "o" / "model" / "recovery.json").is_file()
+    from lrcompress import load
+    model, _ = load(tmp_path / "o" / "model")
+    assert sum(p.numel() for p in model.parameters()) == rep["compression"]["totals"]["params_after"]
