@@ -136,7 +136,9 @@ class Recipe:
         """A recipe path (relative to the recipe's folder) made usable from the current directory."""
         if p is None or os.path.isabs(p):
             return p
-        return os.path.normpath(os.path.join(self.base, p))
+        full = os.path.abspath(os.path.join(self.base, p))
+        cwd = os.getcwd()  # spelled as a CLI user would (relative below the current folder): same manifests
+        return os.path.relpath(full, cwd) if full.startswith(cwd + os.sep) else full
 
     def source_path(self) -> str:
         """The source as the CLI takes it: ``minilm``, zoo names and ``package.module:factory``
