@@ -179,7 +179,8 @@ class CompressConfig:
     keep, of the targeted layers or of the whole model per ``scope``), ``energy``
     (fraction of the (whitened) spectral energy to keep per layer) or ``latency`` (fraction
     of the original's latency on ONNX Runtime CPU with ``latency_threads`` threads on
-    ``latency_batch`` x ``latency_seq`` inputs; layers not faster factorized stay dense).
+    ``latency_batch`` x ``latency_seq`` inputs; layers not faster factorized stay dense;
+    ``latency_int8``: costs measured on the int8-quantized model, as it will be exported).
     """
 
     method: SVDConfig = field(default_factory=WhitenedSVDConfig)
@@ -196,6 +197,7 @@ class CompressConfig:
     latency_threads: int = 1
     latency_batch: int = 1
     latency_seq: int = 128
+    latency_int8: bool = False
 
     def __post_init__(self) -> None:
         given = [k for k in ("rank", "ratio", "energy", "latency") if getattr(self, k) is not None]
@@ -212,6 +214,8 @@ class CompressConfig:
             if self.method.name not in ("svd", "svd-whiten"):
                 raise ConfigError(f"--budget latency works with --method svd-whiten or svd (got {self.method.name}); "
                                   "use --ratio for other methods")
+        if not isinstance(self.latency_int8, bool):
+            raise ConfigError(f"latency_int8={self.latency_int8!r} must be true or false")
         for k, v in (("latency_threads", self.latency_threads), ("latency_batch", self.latency_batch),
                      ("latency_seq", self.latency_seq)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:

@@ -45,11 +45,15 @@ def layer_rows(model: nn.Module, names: list[str], example: dict[str, torch.Tens
     return rows
 
 
-def model_ms(model: nn.Module, example: dict[str, torch.Tensor], threads: int, runs: int = 30) -> float:
-    """p50 milliseconds of the whole model exported to ONNX, on ONNX Runtime CPU."""
+def model_ms(model: nn.Module, example: dict[str, torch.Tensor], threads: int, runs: int = 30,
+             int8: bool = False) -> float:
+    """p50 milliseconds of the whole model exported to ONNX (int8-quantized if asked), on ONNX Runtime CPU."""
     import exporters
     with tempfile.TemporaryDirectory(prefix="lrcompress-latency-") as tmp:
         path = exporters.export_onnx(model, example, Path(tmp) / "model.onnx").path
+        if int8:
+            exporters.quantize_int8(path, Path(tmp) / "model.int8.onnx")
+            path = Path(tmp) / "model.int8.onnx"
         runner = exporters.ort_runner(path, threads=threads)
         feed = {k: v.numpy() for k, v in example.items()}
         return float(exporters.run_latency(runner, feed, warmup=5, runs=runs)["p50_ms"])
@@ -62,8 +66,9 @@ def latency_ranks(model: nn.Module, active: list[Any], spectra: dict[str, Any], 
     from .latency_model import allocate_latency, default_cache_path, interpolate, matmul_costs, rank_grid
     if example is None:
         raise ConfigError("--budget latency needs calibration data to build a latency input; pass --calib FILE")
-    threads = config.latency_threads
-    total = model_ms(model, example, threads)
+    threads, int8 = config.latency_threads, config.latency_int8
+    original = model_ms(model, example, threads)
+    total = model_ms(model, example, threads, int8=True) if int8 else original
     rows = layer_rows(model, [l.name for l in active], example)
     cache = default_cache_path() if cache is None else cache
     options: dict[str, list[tuple[float, float, Any]]] = {}
@@ -72,7 +77,8 @@ def latency_ranks(model: nn.Module, active: list[Any], spectra: dict[str, Any], 
         emb = l.kind == "embedding"
         m, n = l.shape[0], l.shape[1]  # (out, in); (V, d) for embeddings
         grid = [r for r in rank_grid(m, n) if r < l.break_even]
-        costs = matmul_costs(max(rows.get(l.name, 1), 1), m, n, grid, threads=threads, embedding=emb, cache=cache)
+        costs = matmul_costs(max(rows.get(l.name, 1), 1), m, n, grid, threads=threads, embedding=emb, cache=cache,
+                             int8=int8)
         dense_ms[l.name] = costs[None]
         s = spectra[l.name]
         w = (weights or {}).get(l.name, 1.0) / s.total if s.total > 0 else 0.0
@@ -80,18 +86,22 @@ def latency_ranks(model: nn.Module, active: list[Any], spectra: dict[str, Any], 
         opts += [(interpolate(costs, r), w * s.tail(r), r) for r in grid if costs[r] < costs[None]]
         options[l.name] = opts
     fixed = max(total - sum(dense_ms.values()), 0.0)
-    budget = config.latency * total - fixed
+    budget = config.latency * original - fixed
     if budget <= 0:
-        raise ConfigError(f"--budget latency={config.latency} asks for {config.latency * total:.2f} ms but the layers "
+        raise ConfigError(f"--budget latency={config.latency} asks for {config.latency * original:.2f} ms but the layers "
                           f"that cannot be factorized already take {fixed:.2f} ms of {total:.2f} ms; raise the budget")
-    choice = allocate_latency(options, budget)
+    if sum(dense_ms.values()) <= budget:  # already fast enough (e.g. int8 alone): nothing to factorize
+        choice = dict.fromkeys(options)
+    else:
+        choice = allocate_latency(options, budget)
     reasons = {}
     for name, opts in options.items():
         if choice[name] is None:
             reasons[name] = ("not faster factorized on onnxruntime: kept dense" if len(opts) == 1 else
                              "latency budget met with it dense")
     predicted = fixed + sum(next(c for c, _, ch in options[n] if ch == choice[n]) for n in options)
-    summary = {"original_ms": round(total, 3), "fixed_ms": round(fixed, 3), "budget_ms": round(config.latency * total, 3),
+    summary = {"original_ms": round(original, 3), **({"original_int8_ms": round(total, 3)} if int8 else {}),
+               "fixed_ms": round(fixed, 3), "budget_ms": round(config.latency * original, 3), "int8": int8,
                "predicted_ms": round(predicted, 3), "threads": threads,
                "shape": [config.latency_batch, config.latency_seq]}
     return {n: (None if c is None else int(c)) for n, c in choice.items()}, reasons, summary

@@ -54,7 +54,8 @@ class DataSection:
 class CompressSection:
     """The default budget and method for every target layer no rule claims. ``latency`` is a
     fraction of the original's measured latency on ONNX Runtime (threads/batch/sequence from
-    ``latency_threads``/``latency_batch``/``latency_seq``). Method options (``solver``,
+    ``latency_threads``/``latency_batch``/``latency_seq``; ``latency_int8`` plans for the
+    int8-quantized export). Method options (``solver``,
     ``embedding_smoothing``, ``share_group``, ...) go in the same table."""
 
     method: str = "svd-whiten"
@@ -71,6 +72,7 @@ class CompressSection:
     latency_threads: int = 1
     latency_batch: int = 1
     latency_seq: int = 128
+    latency_int8: bool = False
     options: dict[str, Any] = field(default_factory=dict)
     rules: tuple[Rule, ...] = ()
     device: str = "cpu"
@@ -216,7 +218,7 @@ _COMPRESS = {"method": (str, "'svd-whiten'"), "ratio": (float, "0.5"), "energy":
              "latency": (float, "0.6"), "allocate": (str, "'global'"), "scope": (str, "'model'"),
              "targets": (list, "['encoder.*']"), "exclude": (list, "['pooler.dense']"), "seed": (int, "0"),
              "probe_passes": (int, "2"), "latency_threads": (int, "1"), "latency_batch": (int, "1"),
-             "latency_seq": (int, "128"), "device": (str, "'cpu'")}
+             "latency_seq": (int, "128"), "latency_int8": (bool, "true"), "device": (str, "'cpu'")}
 _EXPORT = {"to": (list, "['onnx', 'ort']"), "quantize": (str, "'int8'"), "precision": (str, "'fp16'"),
            "fp16": (bool, "false"), "opset": (int, "18")}
 _VALIDATE = {"artifact": (str, "'ort'"), "threads": (int, "1"), "batch_size": (int, "1"), "runs": (int, "50"),
@@ -363,7 +365,8 @@ def to_config(c: CompressSection, rule: Rule | None = None, targets: tuple[str, 
 
 
 def _latency_kw(c: CompressSection) -> dict[str, Any]:
-    return {"latency_threads": c.latency_threads, "latency_batch": c.latency_batch, "latency_seq": c.latency_seq}
+    return {"latency_threads": c.latency_threads, "latency_batch": c.latency_batch, "latency_seq": c.latency_seq,
+            "latency_int8": c.latency_int8}
 
 
 # ---------------------------------------------------------------- writing
@@ -463,7 +466,8 @@ def section_from_config(config: Any, device: str = "cpu") -> CompressSection:
                            latency=config.latency, allocate=config.allocate, scope=config.scope,
                            targets=tuple(config.targets), exclude=tuple(config.exclude), seed=config.seed,
                            probe_passes=config.probe_passes, latency_threads=config.latency_threads,
-                           latency_batch=config.latency_batch, latency_seq=config.latency_seq, options=opts,
+                           latency_batch=config.latency_batch, latency_seq=config.latency_seq,
+                           latency_int8=config.latency_int8, options=opts,
                            device=device)
 
 

@@ -39,11 +39,17 @@ def check_sweep(ratios: str, methods: str, quantize: str) -> tuple[list[float], 
     return sorted(set(out), reverse=True), list(dict.fromkeys(ms)), list(dict.fromkeys(qs))
 
 
-def pareto(points: list[dict[str, Any]], keys: tuple[str, str] = ("bytes", "drift")) -> None:
-    """Mark ``pareto=True`` on points no other point beats on both keys (lower is better)."""
+def pareto(points: list[dict[str, Any]], size_tol: float = 0.005) -> None:
+    """Mark ``pareto=True`` on points that no other point beats: no larger (sizes within
+    ``size_tol`` relative count as equal: points of one parameter budget differ by a few kB of
+    scales and rounding) and with less drift, or clearly smaller and with no more drift."""
+    def beats(q: dict[str, Any], p: dict[str, Any]) -> bool:
+        if q["bytes"] > p["bytes"] * (1 + size_tol) or q["drift"] > p["drift"]:
+            return False
+        return q["drift"] < p["drift"] or q["bytes"] < p["bytes"] * (1 - size_tol)
+
     for p in points:
-        p["pareto"] = not any(all(q[k] <= p[k] for k in keys) and any(q[k] < p[k] for k in keys)
-                              for q in points if q is not p)
+        p["pareto"] = not any(beats(q, p) for q in points if q is not p)
 
 
 def run_sweep(loaded: Any, calib: Any, held: Any, ratios: list[float], methods: list[str], quants: list[str], *,
@@ -118,7 +124,8 @@ def sweep_table(points: list[dict[str, Any]]) -> str:
         lines.append(f"{'*' if p['pareto'] else ' '} {p['label']:28} {p['params']:11,} {p['bytes'] / 1e6:8.2f} "
                      f"{p['bytes'] / base['bytes']:6.1%} {p['p50_ms']:8.2f} {p['p90_ms']:8.2f} "
                      f"{base['p50_ms'] / p['p50_ms']:7.2f} {p['cos_mean']:9.5f} {p['cos_worst']:9.5f}")
-    lines.append("* = Pareto-optimal in (bytes, 1 - cos mean); latency: ONNX Runtime CPU, batch 1")
+    lines.append("* = Pareto-optimal in (bytes, 1 - cos mean; sizes within 0.5 % count as equal); latency: ONNX "
+                 "Runtime CPU, batch 1")
     return "\n".join(lines)
 
 

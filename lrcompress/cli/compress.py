@@ -47,6 +47,7 @@ from .recovery import (
               help="latency=F: reach F x the original's ONNX Runtime latency (1 thread, batch 1, --max-length "
                    "tokens); layers not faster factorized stay dense. ratio=F / energy=F / rank=N also accepted.")
 @click.option("--latency-threads", type=int, default=1, show_default=True, help="Threads for --budget latency.")
+@click.option("--latency-int8", is_flag=True, help="--budget latency: plan for the int8-quantized export.")
 @click.option("--allocate", type=str, default="global", show_default=True, help="uniform | global (with --ratio).")
 @click.option("--scope", type=str, default="targets", show_default=True,
               help="--ratio counts the targeted layers' params (targets) or the whole model's (model).")
@@ -73,7 +74,7 @@ from .recovery import (
 def compress(source: str, output: str | None, weights: str | None, trust_pickle: bool, calib: str | None,
              max_length: int, calib_samples: int | None, batch_size: int, targets: tuple, exclude: tuple,
              method: str | None, rank: str | None, ratio: str | None, energy: str | None, budget: str | None,
-             latency_threads: int, save_recipe: str | None, allocate: str,
+             latency_threads: int, latency_int8: bool, save_recipe: str | None, allocate: str,
              scope: str, share_group: int | None, tt_shape: str | None, probe_passes: int, solver: str, seed: int,
              device: str, dry_run: bool, recover_steps: int, recover_data: str | None, recover_batch_size: int,
              overwrite: bool, as_json: bool, quiet: bool, **kw: Any) -> None:
@@ -114,7 +115,8 @@ def compress(source: str, output: str | None, weights: str | None, trust_pickle:
     config = CompressConfig(
         method=method_config(method, solver=solver, **extra), **budgets,
         allocate=allocate, scope=scope, targets=targets, exclude=exclude, seed=seed,
-        probe_passes=probe_passes, latency_threads=latency_threads, latency_seq=max_length)
+        probe_passes=probe_passes, latency_threads=latency_threads, latency_seq=max_length,
+        latency_int8=latency_int8)
     if method == "svd-whiten" and not calib:
         raise ConfigError("--method svd-whiten needs calibration data; pass --calib FILE or use --method svd")
     if batch_size < 1:
