@@ -85,6 +85,8 @@ CASES: dict[str, Case] = {
                                       ["'stpes'", "did you mean 'steps'"]),
     "recipe-recovery-value": lambda e: (run(e, **{"[export]": "[recovery]\nsteps = 0\n[export]"}),
                                         ["--steps 0", ">= 1"]),
+    "recipe-latency-int8-type": lambda e: (run(e, ratio__0_DOT_5="latency = 0.5\nlatency_int8 = 'yes'"),
+                                           ["latency_int8 = 'yes'", "true or false"]),
     "recipe-latency-zero": lambda e: (run(e, ratio__0_DOT_5="latency = 0.0"), ["latency=0.0", "(0, 1]"]),
     "sweep-empty-ratios": lambda e: (["sweep", MLP, "--ratios", "", "--data", e.mlp_calib(), "--calib",
                                       e.mlp_calib()], ["--ratios ''", "empty"]),
