@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import ConfigError
-from .recipe import Recipe, dump_recipe, write_recipe
+from .recipe import Recipe
+from .recipe_write import dump_recipe, write_recipe
 
 Progress = Callable[[str, str], None]
 

@@ -13,7 +13,8 @@ import torch
 
 from lrcompress.cli import main
 from lrcompress.errors import ConfigError
-from lrcompress.recipe import dump_recipe, load_recipe, parse_recipe
+from lrcompress.recipe import load_recipe, parse_recipe
+from lrcompress.recipe_write import dump_recipe
 from tests.conftest import needs_minilm
 
 ROOT = Path(__file__).resolve().parent.parent

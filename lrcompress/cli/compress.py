@@ -135,7 +135,8 @@ def compress(source: str, output: str | None, weights: str | None, trust_pickle:
         check_output(output, overwrite)
     recipe = None
     if save_recipe is not None:
-        from ..recipe import DataSection, Recipe, RecoverySection, check_recipe_target, section_from_config
+        from ..recipe import DataSection, Recipe, RecoverySection
+        from ..recipe_write import check_recipe_target, section_from_config
         check_recipe_target(save_recipe)
         recipe = Recipe(source, weights, DataSection(calib=calib, max_length=max_length, calib_samples=calib_samples,
                                                      batch_size=batch_size),
@@ -186,7 +187,7 @@ def compress(source: str, output: str | None, weights: str | None, trust_pickle:
     if rep is not None:
         finish_recovery(rep, state, kw.get("plot_file"))
     if recipe is not None:
-        from ..recipe import write_recipe
+        from ..recipe_write import write_recipe
         write_recipe(recipe, save_recipe)
     if as_json:
         click.echo(report.to_json())
@@ -226,7 +227,7 @@ def inspect(source: str, weights: str | None, trust_pickle: bool, calib: str | N
     if plot is not None:
         need_matplotlib("--plot")
     if suggest_recipe is not None:
-        from ..recipe import check_recipe_target
+        from ..recipe_write import check_recipe_target
         if not calib:
             raise ConfigError("--suggest-recipe needs --calib FILE: the ranks come from the whitened spectra and "
                               "measured sensitivities")
@@ -242,13 +243,13 @@ def inspect(source: str, weights: str | None, trust_pickle: bool, calib: str | N
     if plot is not None:
         rep.plot(plot)
     if suggest_recipe is not None:
-        from ..recipe import suggest_recipe as suggest
-        from ..recipe import write_recipe
+        from ..recipe_write import suggest_recipe as suggest
+        from ..recipe_write import write_recipe
         from ..pipeline import plan
         p = plan(loaded.model, CompressConfig(ratio=r, targets=targets, exclude=exclude), data, batch_size=batch_size)
         suggestion = suggest(source, weights, calib, max_length, calib_samples, batch_size, p)
         if suggest_recipe == "-":
-            from ..recipe import dump_recipe
+            from ..recipe_write import dump_recipe
             click.echo(dump_recipe(suggestion), nl=False)
             return
         write_recipe(suggestion, suggest_recipe)

@@ -20,12 +20,13 @@ from .common import apply_options, calib_options, cli, need_matplotlib, source_o
 @click.option("-q", "--quiet", is_flag=True)
 def run(recipe_file: str, output: str, save_recipe: str | None, overwrite: bool, as_json: bool, quiet: bool) -> None:
     """Compress -> recover -> export -> validate as RECIPE (TOML) says; exit 1 if a gate fails."""
-    from ..recipe import load_recipe, write_recipe
+    from ..recipe import load_recipe
+    from ..recipe_write import write_recipe
     from ..runner import markdown, run_recipe
 
     recipe = load_recipe(recipe_file)
     if save_recipe:
-        from ..recipe import check_recipe_target
+        from ..recipe_write import check_recipe_target
         check_recipe_target(save_recipe)
 
     def say(stage: str, msg: str) -> None:
