@@ -34,3 +34,13 @@ def first_line(exc: BaseException, limit: int = 300) -> str:
         if line:
             return line if len(line) <= limit else line[: limit - 3] + "..."
     return type(exc).__name__
+
+
+def onnx_failure(exc: BaseException, src: object, action: str, hint: str, marker: str = "protobuf") -> ExportError:
+    """The error for a tool that failed on the ONNX file ``src``: CorruptArtifact when the file
+    does not parse (a protobuf error type, or ``marker`` in the tool's message), else ExportError
+    naming ``action`` and ``hint``."""
+    kind = type(exc).__name__
+    if kind in ("DecodeError", "InvalidProtobuf") or marker in str(exc).lower():
+        return CorruptArtifact(f"'{src}' is not a valid ONNX model ({kind}: {first_line(exc)}); re-export it")
+    return ExportError(f"{action} failed: {first_line(exc)}; {hint}")

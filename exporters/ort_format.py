@@ -16,7 +16,7 @@ from ._files import check_target, publish, require_file, staging_dir
 from ._logs import capture_logs
 from .base import Exporter, ExportResult, Runner
 from .deps import require
-from .errors import BadInput, CorruptArtifact, ExportError, first_line
+from .errors import BadInput, CorruptArtifact, ExportError, first_line, onnx_failure
 
 EXTRA = "onnx"
 SUFFIX = ".ort"
@@ -66,10 +66,8 @@ def convert_onnx_to_ort(
                     target_platform=target_platform,
                 )
         except Exception as exc:
-            kind = type(exc).__name__
-            if kind in ("InvalidProtobuf", "DecodeError") or "protobuf" in str(exc).lower():
-                raise CorruptArtifact(f"'{src}' is not a valid ONNX model ({kind}: {first_line(exc)}); re-export it") from exc
-            raise ExportError(f"ORT-format conversion of '{src.name}' failed: {first_line(exc)}; check the model with onnxruntime first") from exc
+            raise onnx_failure(exc, src, f"ORT-format conversion of '{src.name}'",
+                               "check the model with onnxruntime first") from exc
         produced = sorted(out_dir.glob("*.ort"))
         if not produced:
             raise ExportError(f"the ORT converter wrote no .ort file for '{src.name}'; its log: {log.getvalue().strip()[-300:]}")

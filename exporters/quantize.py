@@ -10,7 +10,7 @@ from typing import Any
 from ._files import check_target, publish, require_file, staging_dir
 from ._logs import capture_logs
 from .deps import require
-from .errors import CorruptArtifact, ExportError, first_line
+from .errors import onnx_failure
 
 EXTRA = "onnx"
 # Ops whose weights dynamic quantisation rewrites (Gemm is first rewritten to MatMul + Add). Gather
@@ -112,10 +112,8 @@ def quantize_int8(
                 use_external_data_format=external_data,
             )
         except Exception as exc:
-            kind = type(exc).__name__
-            if kind in ("DecodeError", "InvalidProtobuf") or "parse" in str(exc).lower():
-                raise CorruptArtifact(f"'{src}' is not a valid ONNX model ({kind}: {first_line(exc)}); re-export it") from exc
-            raise ExportError(f"int8 quantisation of '{src.name}' failed: {first_line(exc)}; try op_types=('MatMul',)") from exc
+            raise onnx_failure(exc, src, f"int8 quantisation of '{src.name}'", "try op_types=('MatMul',)",
+                               marker="parse") from exc
         after = _size(staged)
         extra_files = [f for f in tmp.iterdir() if f != staged]
         for f in extra_files:
