@@ -16,14 +16,9 @@ from .data import Batch, TensorData, TextData
 from .errors import ConfigError
 from .planning import Plan, make_plan
 from .targets import select_targets
-from .report import CompressionReport
+from .report import CompressionReport, param_bytes
 
 CalibrationLike = Calibration | TextData | TensorData | Iterable[Batch] | None
-
-
-def param_bytes(model: nn.Module) -> int:
-    """Bytes of the model's (unique) parameters."""
-    return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
 def gather(model: nn.Module, config: CompressConfig, data: CalibrationLike, *, batch_size: int = 32,
@@ -121,7 +116,5 @@ def compress(model: nn.Module, config: CompressConfig, calibration: CalibrationL
             raise ConfigError("recovery needs training data as TextData or TensorData; pass recovery_data=")
         rep = recover(student, model, train, recovery, eval_data=eval_data, calibration=report.stats,
                       device=kwargs.get("device", "cpu"))
-        report.recovery = rep.to_dict()
-        report.params_after = sum(q.numel() for q in student.parameters())
-        report.bytes_after = param_bytes(student)
+        report.add_recovery(rep, student)
     return student, report

@@ -28,6 +28,12 @@ class CompressionReport:
     recovery: dict[str, Any] | None = None
     stats: Any = field(default=None, repr=False)  # the Calibration used (not serialised)
 
+    def add_recovery(self, recovery: Any, model: Any) -> None:
+        """Record a recovery run (its report) and the recovered model's size."""
+        self.recovery = recovery.to_dict()
+        self.params_after = sum(p.numel() for p in model.parameters())
+        self.bytes_after = param_bytes(model)
+
     @property
     def ratio(self) -> float:
         return self.params_after / self.params_before if self.params_before else 1.0
@@ -82,6 +88,11 @@ class CompressionReport:
         if self.seconds:
             lines.append("time " + ", ".join(f"{k} {v:.2f}s" for k, v in self.seconds.items()))
         return "\n".join(lines)
+
+
+def param_bytes(model: Any) -> int:
+    """Bytes of the model's (unique) parameters."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
 def _finite(o: Any) -> Any:

@@ -64,7 +64,7 @@ def run_sweep(loaded: Any, calib: Any, held: Any, ratios: list[float], methods: 
     from .edge import example_inputs
     from .pipeline import compress, gather
     from .targets import select_targets
-    from .validate import validate
+    from .validate import ReferenceCache, validate
 
     say = progress or (lambda msg: None)
     work = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="lrcompress-sweep-"))
@@ -73,6 +73,7 @@ def run_sweep(loaded: Any, calib: Any, held: Any, ratios: list[float], methods: 
     example = example_inputs(loaded.tokenizer, None, max_length=max_length) if loaded.tokenizer is not None else \
         {k or "input": v for k, v in next(held.batches(1)).inputs.items()}
     ref_path = exporters.export_onnx(model, example, work / "original.onnx").path
+    reference = ReferenceCache(ref_path)  # the original's outputs and latency are measured once
     points: list[dict[str, Any]] = []
     params0 = sum(p.numel() for p in model.parameters())
 
@@ -82,7 +83,7 @@ def run_sweep(loaded: Any, calib: Any, held: Any, ratios: list[float], methods: 
             exporters.quantize_int8(path, q)
             path = q
         rep = validate(str(path), model, "original", held, threads=threads, batch_size=1, max_length=max_length,
-                       runs=runs, reference_onnx=ref_path)
+                       runs=runs, reference_cache=reference)
         out = next(iter(rep.outputs.values()))
         lat_c, lat_r = rep.latency["candidate"], rep.latency["reference"]
         point = {"label": label, "method": method, "ratio": ratio, "quantize": quant, "params": params,

@@ -231,13 +231,25 @@ def apply_gates(report: ValidationReport, gates: dict[str, float]) -> None:
                              "by": (v - limit) if direction == "max" else (limit - v)})
 
 
+@dataclass
+class ReferenceCache:
+    """The reference exported once (``onnx``) and what validating against it produced: its
+    runner, outputs per batch and latency, re-used by later calls with the same data and settings."""
+
+    onnx: Path
+    runner: Any = None
+    outputs: list[dict[str, np.ndarray]] = field(default_factory=list)
+    latency: dict[str, Any] | None = None
+
+
 def validate(candidate: str, reference: nn.Module, reference_name: str, data: TextData | TensorData, *,
              runtime: str | None = None, threads: int = 1, batch_size: int = 8, max_length: int = 128,
              runs: int = 50, warmup: int = 5, time_budget: float | None = None, gates: Mapping[str, float] | None = None,
              trust_pickle: bool = False, progress: Callable[[str, int, int], None] | None = None,
-             reference_onnx: Path | None = None) -> ValidationReport:
+             reference_cache: ReferenceCache | None = None) -> ValidationReport:
     """Compare ``candidate`` with ``reference`` on ``data`` in ``runtime`` and apply ``gates``.
-    ``reference_onnx``: the reference already exported (re-used across calls, e.g. by a sweep)."""
+    ``reference_cache``: the reference exported once, its outputs and latency kept across calls
+    with the same data and settings (a sweep)."""
     import exporters
 
     from .checkpoint import MANIFEST, load, versions
@@ -277,9 +289,11 @@ def validate(candidate: str, reference: nn.Module, reference_name: str, data: Te
             cand_runner = exp.load(p, threads=threads) if kind != "coreml" else exp.load(p)
             report.sizes["candidate"] = size_of(p)
             select(batches[0][0], list(getattr(cand_runner, "input_names", []) or []), "candidate")
-        if reference_onnx is not None and runtime == "onnxruntime":
-            ref_runner, report.sizes["reference"] = exporters.ort_runner(reference_onnx, threads=threads), \
-                size_of(Path(reference_onnx))
+        cache = reference_cache if runtime == "onnxruntime" else None
+        if cache is not None:
+            if cache.runner is None:
+                cache.runner = exporters.ort_runner(cache.onnx, threads=threads)
+            ref_runner, report.sizes["reference"] = cache.runner, size_of(Path(cache.onnx))
         else:
             ref_runner, report.sizes["reference"] = _model_runner(reference, runtime, example,
                                                                   Path(tmp.name) / "reference.onnx", threads)
@@ -294,7 +308,12 @@ def validate(candidate: str, reference: nn.Module, reference_name: str, data: Te
             return report
         acc: dict[str, dict[str, Any]] = {}
         for i, (feed, mask) in enumerate(batches):
-            r = ref_runner(select(feed, list(getattr(ref_runner, "input_names", []) or []), "reference"))
+            if cache is not None and i < len(cache.outputs):
+                r = cache.outputs[i]
+            else:
+                r = ref_runner(select(feed, list(getattr(ref_runner, "input_names", []) or []), "reference"))
+                if cache is not None:
+                    cache.outputs.append(r)
             c = cand_runner(select(feed, list(getattr(cand_runner, "input_names", []) or []), "candidate"))
             common = [n for n in r if n in c]
             if not common:
@@ -305,10 +324,15 @@ def validate(candidate: str, reference: nn.Module, reference_name: str, data: Te
                 progress("compare", i + 1, len(batches))
         report.outputs = summarize(acc)
         for who, runner in (("reference", ref_runner), ("candidate", cand_runner)):
+            if who == "reference" and cache is not None and cache.latency is not None:
+                report.latency[who] = cache.latency
+                continue
             names = list(getattr(runner, "input_names", []) or [])
             cb = (lambda d, n, who=who: progress(f"latency {who}", d, n)) if progress else None
             report.latency[who] = exporters.run_latency(runner, select(lat_feed, names, who), warmup=warmup, runs=runs,
                                                         time_budget_s=time_budget, progress=cb)
+            if who == "reference" and cache is not None:
+                cache.latency = report.latency[who]
         apply_gates(report, limits)
         return report
     finally:
@@ -323,5 +347,5 @@ def _model_runner(model: nn.Module, runtime: str, example: dict[str, torch.Tenso
     if runtime == "onnxruntime":
         exporters.export_onnx(model, example, onnx_path)
         return exporters.ort_runner(onnx_path, threads=threads), size_of(onnx_path)
-    from .pipeline import param_bytes
+    from .report import param_bytes
     return TorchRunner(model, threads), param_bytes(model)

@@ -87,7 +87,7 @@ def compress(source: str, output: str | None, weights: str | None, trust_pickle:
     from ..checkpoint import check_output, save
     from ..config import CompressConfig, method_config
     from ..data import open_data
-    from ..pipeline import compress_, param_bytes, plan
+    from ..pipeline import compress_, plan
     from ..planning import plan_table
     from ..sources import resolve
 
@@ -174,9 +174,7 @@ def compress(source: str, output: str | None, weights: str | None, trust_pickle:
         state = state_file_for(output, kw.get("state_file"))
         rep = run_recovery(model, teacher, rc, train, kw.get("eval_data"), loaded.tokenizer, report.stats,
                             device, state, kw.get("resume", False), show)
-        report.recovery = rep.to_dict()
-        report.params_after = sum(q.numel() for q in model.parameters())
-        report.bytes_after = param_bytes(model)
+        report.add_recovery(rep, model)
     if not is_writer():
         return
     extra = {"report.json": report.to_json() + "\n"}
