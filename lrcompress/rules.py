@@ -3,7 +3,6 @@ rule's layers at its own budget and the rest at the default budget, from one cal
 
 from __future__ import annotations
 
-import re
 from typing import Any, Callable
 
 import torch
@@ -17,17 +16,12 @@ from .report import CompressionReport
 def assign(model: nn.Module, section: CompressSection) -> tuple[list[tuple[Rule, list[str]]], list[str]]:
     """(rule, its layers) in rule order, and the default group's layers. Every rule must
     match a factorizable layer that no earlier rule took."""
-    from .targets import _selected, factorizable, select_targets
+    from .targets import _selected, check_pattern, factorizable, select_targets
     candidates = list(factorizable(model))
     taken: dict[str, int] = {}
     groups: list[tuple[Rule, list[str]]] = []
     for i, rule in enumerate(section.rules):
-        if rule.match.startswith("re:"):
-            try:
-                re.compile(rule.match[3:])
-            except re.error as e:
-                raise ConfigError(f"recipe rule #{i + 1} match {rule.match!r} is not a valid regular expression "
-                                  f"({e}); fix the pattern") from None
+        check_pattern(f"recipe rule #{i + 1} match", rule.match)
         hit = [n for n in candidates if _selected(rule.match, n)]
         mine = [n for n in hit if n not in taken]
         if not mine:
@@ -37,47 +31,42 @@ def assign(model: nn.Module, section: CompressSection) -> tuple[list[tuple[Rule,
         for n in mine:
             taken[n] = i
         groups.append((rule, mine))
-    rest: list[str] = []
-    if section.rules:
-        try:
-            rest = select_targets(model, section.targets, section.exclude, section.method)
-        except ConfigError:
-            rest = []
-        rest = [n for n in rest if n not in taken]
-    return groups, rest
+    for flag, pats in (("[compress].targets", section.targets), ("[compress].exclude", section.exclude)):
+        for p in pats:  # a bad pattern is an error, not an empty default group
+            check_pattern(flag, p)
+    try:
+        rest = select_targets(model, section.targets, section.exclude, section.method)
+    except ConfigError:  # every layer the default method could take is claimed by rules or excluded
+        rest = []
+    return groups, [n for n in rest if n not in taken]
 
 
 def compress_recipe(model: nn.Module, section: CompressSection, data: Any, *, batch_size: int = 32,
-                    device: str | torch.device = "cpu",
-                    progress: Callable[[str, Any], None] | None = None) -> CompressionReport:
-    """Compress ``model`` in place per the recipe's [compress] section and rules."""
-    from .config import CompressConfig
+                    device: str | torch.device = "cpu", progress: Callable[[str, Any], None] | None = None,
+                    assigned: tuple[list[tuple[Rule, list[str]]], list[str]] | None = None) -> CompressionReport:
+    """Compress ``model`` in place per the recipe's [compress] section and rules (``assigned``:
+    the result of :func:`assign` when the caller already checked the rules)."""
+    from dataclasses import replace
+
     from .pipeline import compress_, gather
     if not section.rules:  # exactly what `lrcompress compress` does with the same options
         return compress_(model, to_config(section), data, batch_size=batch_size, device=device, progress=progress)
-    groups, rest = assign(model, section)
+    groups, rest = assigned or assign(model, section)
     work = [(to_config(section, rule, tuple(names)), rule) for rule, names in groups if not rule.dense]
     if rest:
         work.append((to_config(section, None, tuple(rest)), None))
     if not work:
         raise ConfigError("every rule of the recipe keeps its layers dense and no layer is left for [compress]; "
                           "give a rule a budget or drop the dense rules")
-    union = tuple(n for cfg, _ in work for n in cfg.targets)
     calib = None
-    if data is not None:
-        calib = gather(model, CompressConfig(ratio=1.0, targets=union), data, batch_size=batch_size, device=device,
+    if data is not None:  # one calibration for every group (with the latency inputs if a group needs them)
+        union = tuple(n for cfg, _ in work for n in cfg.targets)
+        base = next((cfg for cfg, _ in work if cfg.latency is not None), work[0][0])
+        calib = gather(model, replace(base, targets=union, exclude=()), data, batch_size=batch_size, device=device,
                        progress=(lambda x: progress("calibrate", x)) if progress else None)
-        _carry_latency_feed(calib, data, work)
     reports = [compress_(model, cfg, calib, batch_size=batch_size, device=device, progress=progress)
                for cfg, _ in work]
     return merge(reports, [rule for _, rule in work], [(rule, names) for rule, names in groups if rule.dense])
-
-
-def _carry_latency_feed(calib: Any, data: Any, work: list) -> None:
-    lat = next((cfg for cfg, _ in work if cfg.latency is not None), None)
-    if lat is not None and calib is not None:
-        from .pipeline import attach_latency_feed
-        attach_latency_feed(calib, data, lat)
 
 
 def merge(reports: list[CompressionReport], rules: list[Rule | None],

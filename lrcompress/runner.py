@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import ConfigError
-from .recipe import Recipe
+from .recipe import ExportSection, Recipe, ValidateSection
 from .recipe_write import dump_recipe, write_recipe
 
 Progress = Callable[[str, str], None]
@@ -24,10 +24,8 @@ def _data_file(recipe: Recipe, key: str, value: str | None) -> str | None:
     return p
 
 
-def candidate_path(folder: Path, recipe: Recipe) -> Path:
+def candidate_path(folder: Path, v: ValidateSection, e: ExportSection | None) -> Path:
     """The artifact that [validate] checks inside a run folder."""
-    v, e = recipe.validate, recipe.export
-    assert v is not None
     if v.artifact == "model":
         return folder / "model"
     if v.artifact == "ort":
@@ -68,10 +66,11 @@ def run_recipe(recipe: Recipe, out: str | Path, *, overwrite: bool = False,
     d = recipe.data
     calib = open_data(calib_path, loaded.tokenizer, d.max_length, d.calib_samples) if calib_path else None
     held = open_data(eval_path, loaded.tokenizer, d.max_length, d.eval_samples) if eval_path else None
+    assigned = None
     if recipe.compress is not None and recipe.compress.rules:
         from .rules import assign
-        assign(loaded.model, recipe.compress)  # rule errors before any stage starts
-    report: dict[str, Any] = {"recipe": json.loads(json.dumps(_recipe_dict(recipe))), "source": recipe.source}
+        assigned = assign(loaded.model, recipe.compress)  # rule errors before any stage starts
+    report: dict[str, Any] = {"recipe": _recipe_dict(recipe), "source": recipe.source}
     t_all = time.perf_counter()
     model = loaded.model
     with atomic_folder(out, overwrite) as tmp:
@@ -81,20 +80,17 @@ def run_recipe(recipe: Recipe, out: str | Path, *, overwrite: bool = False,
             say("compress", "calibrate, plan, factorize")
             student = copy.deepcopy(model).to(recipe.compress.device)
             crep = compress_recipe(student, recipe.compress, calib, batch_size=d.batch_size,
-                                   device=recipe.compress.device)
+                                   device=recipe.compress.device, assigned=assigned)
             crep.source, crep.output = recipe.source, str(Path(out) / "model")
             extra: dict[str, str] = {}
             if rec is not None:
                 from .recovery import recover
-                from .pipeline import param_bytes
                 say("recover", f"{rec.config.steps} steps")
                 train = open_data(train_path, loaded.tokenizer, rec.config.max_length) if train_path else calib
                 rev = open_data(rec_eval_path, loaded.tokenizer, rec.config.max_length) if rec_eval_path else None
                 rrep = recover(student, model, train, rec.config, eval_data=rev, calibration=crep.stats,
                                device=recipe.compress.device)
-                crep.recovery = rrep.to_dict()
-                crep.params_after = sum(q.numel() for q in student.parameters())
-                crep.bytes_after = param_bytes(student)
+                crep.add_recovery(rrep, student)
                 extra["recovery.json"] = rrep.to_json() + "\n"
             extra["report.json"] = crep.to_json() + "\n"
             student = student.cpu()
@@ -116,7 +112,7 @@ def run_recipe(recipe: Recipe, out: str | Path, *, overwrite: bool = False,
         if recipe.validate is not None:
             from .validate import validate
             v = recipe.validate
-            cand = candidate_path(tmp, recipe)
+            cand = candidate_path(tmp, v, recipe.export)
             say("validate", f"{cand.name} on {eval_path}")
             vrep = validate(str(cand), model, recipe.source, held, runtime=None if v.artifact != "model" else "torch",
                             threads=v.threads, batch_size=v.batch_size, max_length=d.max_length, runs=v.runs,

@@ -30,6 +30,15 @@ def _matches(pattern: str, name: str) -> bool:
     return pattern == name
 
 
+def check_pattern(flag: str, pattern: str) -> None:
+    """Refuse a ``re:`` pattern that is not a valid regular expression (``flag`` names its origin)."""
+    if pattern.startswith("re:"):
+        try:
+            re.compile(pattern[3:])
+        except re.error as e:
+            raise ConfigError(f"{flag} {pattern!r} is not a valid regular expression ({e}); fix the pattern") from None
+
+
 def _selected(pattern: str, name: str) -> bool:
     """A pattern selects a layer when it matches the layer or one of its parent modules."""
     parts = name.split(".")
@@ -99,11 +108,7 @@ def select_targets(model: nn.Module, targets: tuple[str, ...], exclude: tuple[st
     all_names = [n for n, _ in model.named_modules() if n]
     for flag, pats in (("--targets", targets), ("--exclude", exclude)):
         for p in pats:
-            if p.startswith("re:"):
-                try:
-                    re.compile(p[3:])
-                except re.error as e:
-                    raise ConfigError(f"{flag} {p!r} is not a valid regular expression ({e}); fix the pattern")
+            check_pattern(flag, p)
             if not any(_matches(p, n) for n in all_names):
                 hint = ", ".join(list(candidates)[:3])
                 raise ConfigError(f"{flag} {p!r} matches no module of the model; use an exact name, a glob "
