@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 import math
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -154,13 +154,11 @@ class Recipe:
 
     def resolved(self) -> "Recipe":
         """The same recipe with every path usable from the current directory (base ".")."""
-        d, rec = self.data, self.recovery
-        data = DataSection(**{**{f.name: getattr(d, f.name) for f in fields(d)},
-                              "calib": self.path(d.calib), "eval": self.path(d.eval)})
+        rec = self.recovery
         if rec is not None:
-            rec = RecoverySection(rec.config, self.path(rec.data), self.path(rec.eval_data))
-        return Recipe(self.source_path(), self.path(self.weights), data, self.compress, rec, self.export,
-                      self.validate, base=".")
+            rec = replace(rec, data=self.path(rec.data), eval_data=self.path(rec.eval_data))
+        return replace(self, source=self.source_path(), weights=self.path(self.weights), recovery=rec, base=".",
+                       data=replace(self.data, calib=self.path(self.data.calib), eval=self.path(self.data.eval)))
 
 
 # ---------------------------------------------------------------- parsing
@@ -349,20 +347,13 @@ def to_config(c: CompressSection, rule: Rule | None = None, targets: tuple[str, 
     method = (rule.method if rule and rule.method else c.method)
     opts = dict(c.options) if method == c.method else {k: v for k, v in c.options.items()
                                                          if k in _method_option_names(method)}
-    budget: dict[str, Any]
-    if rule is not None:
-        budget = {b: getattr(rule, b) for b in ("rank", "ratio", "energy") if getattr(rule, b) is not None}
-        scope = "targets"
-    else:
-        budget = {b: getattr(c, b) for b in ("rank", "ratio", "energy", "latency") if getattr(c, b) is not None}
-        budget["rank"] = tuple(budget["rank"]) if isinstance(budget.get("rank"), list) else budget.get("rank")
-        scope = c.scope
-    return CompressConfig(method=method_config(method, **opts), allocate=c.allocate, scope=scope,
+    owner: Any = rule if rule is not None else c  # a rule's budget counts its own layers (scope "targets")
+    budget = {b: getattr(owner, b, None) for b in BUDGETS}
+    if isinstance(budget["rank"], list):  # a Tucker pair, written as a TOML list
+        budget["rank"] = tuple(budget["rank"])
+    return CompressConfig(method=method_config(method, **opts), allocate=c.allocate,
+                          scope="targets" if rule is not None else c.scope,
                           targets=c.targets if targets is None else targets,
                           exclude=c.exclude if targets is None else (), seed=c.seed, probe_passes=c.probe_passes,
-                          **{k: v for k, v in budget.items() if v is not None}, **_latency_kw(c))
-
-
-def _latency_kw(c: CompressSection) -> dict[str, Any]:
-    return {"latency_threads": c.latency_threads, "latency_batch": c.latency_batch, "latency_seq": c.latency_seq,
-            "latency_int8": c.latency_int8}
+                          latency_threads=c.latency_threads, latency_batch=c.latency_batch,
+                          latency_seq=c.latency_seq, latency_int8=c.latency_int8, **budget)

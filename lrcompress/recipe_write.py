@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
-from .recipe import CompressSection, DataSection, Recipe, RecoverySection, Rule
+from .recipe import CompressSection, DataSection, Recipe, Rule
 
 
 def _value(v: Any) -> str:
@@ -87,12 +87,11 @@ def write_recipe(r: Recipe, path: str | os.PathLike[str]) -> Path:
         src = f"{rel(file)}:{fn}"
     elif src != "minilm":
         src = rel(src) or src
-    data = DataSection(**{**{f.name: getattr(r.data, f.name) for f in fields(r.data)},
-                          "calib": rel(r.data.calib), "eval": rel(r.data.eval)})
     rec = r.recovery
     if rec is not None:
-        rec = RecoverySection(rec.config, rel(rec.data), rel(rec.eval_data))
-    text = dump_recipe(Recipe(src, rel(r.weights), data, r.compress, rec, r.export, r.validate, base=base))
+        rec = replace(rec, data=rel(rec.data), eval_data=rel(rec.eval_data))
+    text = dump_recipe(replace(r, source=src, weights=rel(r.weights), recovery=rec, base=base,
+                               data=replace(r.data, calib=rel(r.data.calib), eval=rel(r.data.eval))))
     tmp = p.with_name(f".{p.name}.tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, p)
@@ -119,7 +118,6 @@ def suggest_recipe(source: str, weights: str | None, calib: str, max_length: int
     as dense rules), so that it can be edited layer by layer and re-run."""
     rules = tuple(Rule(match=l.name, rank=l.rank) if l.rank is not None else Rule(match=l.name, dense=True)
                   for l in plan.layers if l.kind != "conv")
-    section = section_from_config(plan.config)
-    section = CompressSection(**{**{f.name: getattr(section, f.name) for f in fields(section)}, "rules": rules})
+    section = replace(section_from_config(plan.config), rules=rules)
     return Recipe(source, weights, DataSection(calib=calib, max_length=max_length, calib_samples=calib_samples,
                                                batch_size=batch_size), section)
