@@ -46,17 +46,23 @@ def layer_rows(model: nn.Module, names: list[str], example: dict[str, torch.Tens
 
 
 def model_ms(model: nn.Module, example: dict[str, torch.Tensor], threads: int, runs: int = 30,
-             int8: bool = False) -> float:
-    """p50 milliseconds of the whole model exported to ONNX (int8-quantized if asked), on ONNX Runtime CPU."""
+             int8: bool = False) -> tuple[float, float | None]:
+    """p50 milliseconds of the whole model exported to ONNX on ONNX Runtime CPU, and of its
+    int8-quantized copy when ``int8`` (None otherwise); one export serves both."""
     import exporters
+    feed = {k: v.numpy() for k, v in example.items()}
+
+    def p50(path: Path) -> float:
+        runner = exporters.ort_runner(path, threads=threads)
+        return float(exporters.run_latency(runner, feed, warmup=5, runs=runs)["p50_ms"])
+
     with tempfile.TemporaryDirectory(prefix="lrcompress-latency-") as tmp:
         path = exporters.export_onnx(model, example, Path(tmp) / "model.onnx").path
+        quantized = None
         if int8:
-            exporters.quantize_int8(path, Path(tmp) / "model.int8.onnx")
-            path = Path(tmp) / "model.int8.onnx"
-        runner = exporters.ort_runner(path, threads=threads)
-        feed = {k: v.numpy() for k, v in example.items()}
-        return float(exporters.run_latency(runner, feed, warmup=5, runs=runs)["p50_ms"])
+            quantized = Path(tmp) / "model.int8.onnx"
+            exporters.quantize_int8(path, quantized)
+        return p50(path), (p50(quantized) if quantized is not None else None)
 
 
 def latency_ranks(model: nn.Module, active: list[Any], spectra: dict[str, Any], weights: dict[str, float] | None,
@@ -67,8 +73,8 @@ def latency_ranks(model: nn.Module, active: list[Any], spectra: dict[str, Any], 
     if example is None:
         raise ConfigError("--budget latency needs calibration data to build a latency input; pass --calib FILE")
     threads, int8 = config.latency_threads, config.latency_int8
-    original = model_ms(model, example, threads)
-    total = model_ms(model, example, threads, int8=True) if int8 else original
+    original, quantized = model_ms(model, example, threads, int8=int8)
+    total = quantized if quantized is not None else original
     rows = layer_rows(model, [l.name for l in active], example)
     cache = default_cache_path() if cache is None else cache
     options: dict[str, list[tuple[float, float, Any]]] = {}

@@ -227,7 +227,7 @@ def make_plan(model: nn.Module, config: CompressConfig, calib: Calibration | Non
     reasons: dict[str, str] = {}
     if latency and active:
         from .latency_plan import latency_ranks
-        example = getattr(calib, "latency_inputs", None) if calib is not None else None
+        example = calib.latency_inputs if calib is not None else None
         ranks, reasons, plan.latency = latency_ranks(model, active, plan.spectra, weights, config, example)
     else:
         ranks = allocate(active, plan.spectra, config, params_model, weights, budget) if active else {}
