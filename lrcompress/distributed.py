@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 
 def dist_info() -> tuple[int, int]:
     """(rank, world size); initialises the process group under torchrun."""
+    import torch
     import torch.distributed as dist
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
@@ -20,6 +23,7 @@ def dist_info() -> tuple[int, int]:
 
 
 def all_sum(values: list[float], device: torch.device) -> list[float]:
+    import torch
     import torch.distributed as dist
     if not (dist.is_available() and dist.is_initialized()):
         return values
@@ -29,9 +33,29 @@ def all_sum(values: list[float], device: torch.device) -> list[float]:
 
 
 def all_min(value: float, device: torch.device) -> float:
+    import torch
     import torch.distributed as dist
     if not (dist.is_available() and dist.is_initialized()):
         return value
     t = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return float(t)
+
+
+def shutdown(sync: bool = True) -> None:
+    """Destroy the torchrun process group before the interpreter exits.
+
+    A gloo group left alive aborts the process at exit ("terminate called without an active
+    exception") once its worker threads outlive the interpreter. With ``sync`` every rank first
+    waits for the others, so no rank leaves while rank 0 is still writing; on an error path pass
+    ``sync=False`` (torchrun stops the other ranks). A no-op outside torchrun.
+    """
+    import sys
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return
+    try:
+        if sync:
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()

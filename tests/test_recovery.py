@@ -289,6 +289,25 @@ def test_torchrun_two_processes_match_single_process(tmp_path, token_inputs, cap
     assert not (tmp_path / "two.recover-state.pt").exists()
     assert json.loads((tmp_path / "two" / "recovery.json").read_text())["world_size"] == 2
     assert json.loads((tmp_path / "one" / "recovery.json").read_text())["world_size"] == 1
+    assert "terminate called" not in proc.stderr
+
+
+def test_shutdown_destroys_the_process_group_and_is_a_no_op_without_one(tmp_path):
+    # a gloo group left alive at interpreter exit can abort the process; the CLI tears it down
+    import torch.distributed as dist
+
+    from lrcompress.distributed import all_sum, shutdown
+    shutdown()
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        assert all_sum([1.5, 2.0], torch.device("cpu")) == [1.5, 2.0]
+        shutdown(sync=True)
+        assert not dist.is_initialized()
+        shutdown(sync=False)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 @needs_minilm

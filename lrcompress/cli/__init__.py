@@ -14,7 +14,19 @@ __all__ = ["cli", "main"]
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: maps user errors to one line on stderr and exit code 2."""
+    """Entry point: maps user errors to one line on stderr and exit code 2; under torchrun the
+    process group is torn down before exit (every rank in step on success)."""
+    from ..distributed import shutdown
+    try:
+        code = _dispatch(argv)
+    except BaseException:
+        shutdown(sync=False)
+        raise
+    shutdown(sync=True)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _dispatch(argv: list[str] | None) -> object:
     try:
         code = cli.main(args=argv, prog_name="lrcompress", standalone_mode=False)
     except click.exceptions.UsageError as e:
@@ -33,4 +45,4 @@ def main(argv: list[str] | None = None) -> None:
     except (click.exceptions.Abort, KeyboardInterrupt):
         click.echo("lrcompress: interrupted", err=True)
         sys.exit(130)
-    sys.exit(code if isinstance(code, int) else 0)
+    return code
