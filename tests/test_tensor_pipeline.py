@@ -158,7 +158,7 @@ def test_shared_basis_is_group_optimal_stored_once_and_reloads(tmp_path):
     # the group error is the tail of the joint whitened spectrum (checked independently)
     stats = lc.pipeline.gather(lc.resolve("tests.models:stack").model, cfg, _stack_data())
     orig = lc.resolve("tests.models:stack").model
-    ws = [orig.blocks[i].up.weight.double() for i in (0, 1)]
+    ws = [orig.blocks[i].up.weight.detach().double() for i in (0, 1)]
     gs = [stats.layers[f"blocks.{i}.up"].gram for i in (0, 1)]
     c = sum(w @ g @ w.T for w, g in zip(ws, gs))
     lam = torch.linalg.eigvalsh(c).flip(0).clamp_min(0)
