@@ -410,3 +410,20 @@ def test_recovery_config_round_trips_through_json():
     assert back == rc
     with pytest.raises(lrcompress.LrcompressError, match="unknown recovery keys"):
         RecoveryConfig.from_dict({"stepz": 3})
+
+
+def test_sample_texts_keep_the_held_out_sentences_out_of_training() -> None:
+    import importlib.util
+
+    from lrcompress.data import read_lines
+    spec = importlib.util.spec_from_file_location("pydoc_text", ROOT / "samples" / "pydoc_text.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    calib, held = mod.reference_split()
+    assert read_lines(ROOT / "samples" / "calib.txt") == calib
+    assert read_lines(ROOT / "samples" / "eval.txt") == held and len(held) == 500
+    train = read_lines(ROOT / "samples" / "train.txt")
+    large = mod.large_training_text()
+    assert len(large) > 10 * len(train)
+    assert not set(held) & set(train) and not set(held) & set(large)
+    assert set(train) <= set(large)
