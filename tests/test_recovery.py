@@ -292,6 +292,26 @@ def test_torchrun_two_processes_match_single_process(tmp_path, token_inputs, cap
     assert "terminate called" not in proc.stderr
 
 
+def test_torchrun_bad_input_exits_2_on_every_rank_and_writes_nothing(tmp_path, token_inputs, capsys):
+    src = "tests.models:tiny_token_model"
+    ck = tmp_path / "c"
+    code, _, err = run_main(["compress", src, "--calib", str(token_inputs), "--ratio", "0.4", "-o", str(ck), "-q"],
+                            capsys)
+    assert code == 0, err
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", str(28500 + os.getpid() % 1000), "-m", "lrcompress", "recover", str(ck),
+                           "--reference", src, "--data", str(token_inputs), "--steps", "4", "--batch-size", "7", "-q",
+                           "-o", str(tmp_path / "two")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    errors = [l for l in proc.stderr.splitlines() if l.startswith("lrcompress: error:")]
+    # torchrun may stop the slower rank before it reports; every rank that reports says the same line
+    assert errors and set(errors) == {"lrcompress: error: --batch-size 7 is not divisible by the 2 processes; "
+                                      "use a multiple of 2"}
+    assert "(exitcode: 2)" in proc.stderr and "terminate called" not in proc.stderr
+    assert not (tmp_path / "two").exists()
+
+
 def test_shutdown_destroys_the_process_group_and_is_a_no_op_without_one(tmp_path):
     # a gloo group left alive at interpreter exit can abort the process; the CLI tears it down
     import torch.distributed as dist
