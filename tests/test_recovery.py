@@ -24,6 +24,8 @@ from tests.conftest import ROOT, needs_minilm
 from tests.models import tiny_token_model
 from tests.test_bad_input import run_main
 
+TINY = "tests.models:tiny_token_model"
+
 
 def _gram(n: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
@@ -266,21 +268,29 @@ def test_cli_compress_with_recovery_and_recover_folder(tmp_path, token_inputs, c
     assert summary["compression"]["totals"]["params_after"] == rep["totals"]["params_after"]
 
 
-def test_torchrun_two_processes_match_single_process(tmp_path, token_inputs, capsys):
-    src = "tests.models:tiny_token_model"
+def _compressed(tmp_path: Path, token_inputs: Path, capsys) -> Path:
     ck = tmp_path / "c"
-    code, _, err = run_main(["compress", src, "--calib", str(token_inputs), "--ratio", "0.4", "-o", str(ck), "-q"],
+    code, _, err = run_main(["compress", TINY, "--calib", str(token_inputs), "--ratio", "0.4", "-o", str(ck), "-q"],
                             capsys)
     assert code == 0, err
-    common = ["recover", str(ck), "--reference", src, "--data", str(token_inputs), "--steps", "12",
+    return ck
+
+
+def _torchrun(args: list[str], port: int) -> subprocess.CompletedProcess:
+    """``lrcompress ARGS`` on two torchrun processes (one thread each)."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", str(port + os.getpid() % 1000), "-m", "lrcompress", *args],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_torchrun_two_processes_match_single_process(tmp_path, token_inputs, capsys):
+    ck = _compressed(tmp_path, token_inputs, capsys)
+    common = ["recover", str(ck), "--reference", TINY, "--data", str(token_inputs), "--steps", "12",
               "--batch-size", "8", "--lr", "3e-3", "--eval-every", "4", "--train", "both", "--lora-rank", "2", "-q"]
     code, _, err = run_main(common + ["-o", str(tmp_path / "one")], capsys)
     assert code == 0, err
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", str(29500 + os.getpid() % 1000), "-m", "lrcompress",
-                           *common, "-o", str(tmp_path / "two")],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = _torchrun([*common, "-o", str(tmp_path / "two")], 29500)
     assert proc.returncode == 0, proc.stderr[-3000:]
     one, _ = lrcompress.load(tmp_path / "one")
     two, _ = lrcompress.load(tmp_path / "two")
@@ -293,16 +303,9 @@ def test_torchrun_two_processes_match_single_process(tmp_path, token_inputs, cap
 
 
 def test_torchrun_bad_input_exits_2_on_every_rank_and_writes_nothing(tmp_path, token_inputs, capsys):
-    src = "tests.models:tiny_token_model"
-    ck = tmp_path / "c"
-    code, _, err = run_main(["compress", src, "--calib", str(token_inputs), "--ratio", "0.4", "-o", str(ck), "-q"],
-                            capsys)
-    assert code == 0, err
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", str(28500 + os.getpid() % 1000), "-m", "lrcompress", "recover", str(ck),
-                           "--reference", src, "--data", str(token_inputs), "--steps", "4", "--batch-size", "7", "-q",
-                           "-o", str(tmp_path / "two")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    ck = _compressed(tmp_path, token_inputs, capsys)
+    proc = _torchrun(["recover", str(ck), "--reference", TINY, "--data", str(token_inputs), "--steps", "4",
+                      "--batch-size", "7", "-q", "-o", str(tmp_path / "two")], 28500)
     assert proc.returncode != 0
     errors = [l for l in proc.stderr.splitlines() if l.startswith("lrcompress: error:")]
     # torchrun may stop the slower rank before it reports; every rank that reports says the same line
