@@ -3,6 +3,7 @@ ONNX (x int8), validate on ONNX Runtime against the original, mark the Pareto fr
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -28,15 +29,18 @@ def check_sweep(ratios: str, methods: str, quantize: str) -> tuple[list[float], 
             raise ConfigError(f"--ratios entry {r} is outside (0, 1); it is the fraction of params kept (the original "
                               "is always measured), e.g. 0.5")
         out.append(v)
-    ms = [m.strip() for m in methods.split(",") if m.strip()]
-    bad = [m for m in ms if m not in METHODS] or ([] if ms else ["(none)"])
+    ms = _choices("--methods", methods, METHODS, "svd-whiten,svd")
+    qs = _choices("--quantize", quantize, QUANTS, "none,int8")
+    return sorted(set(out), reverse=True), ms, qs
+
+
+def _choices(flag: str, text: str, allowed: tuple[str, ...], example: str) -> list[str]:
+    """A non-empty comma list of ``allowed`` names, duplicates dropped, order kept."""
+    items = [v.strip() for v in text.split(",") if v.strip()]
+    bad = [v for v in items if v not in allowed] or ([] if items else ["(none)"])
     if bad:
-        raise ConfigError(f"--methods {methods!r}: {bad} not among {', '.join(METHODS)}; e.g. --methods svd-whiten,svd")
-    qs = [q.strip() for q in quantize.split(",") if q.strip()]
-    badq = [q for q in qs if q not in QUANTS] or ([] if qs else ["(none)"])
-    if badq:
-        raise ConfigError(f"--quantize {quantize!r}: {badq} not among none, int8; e.g. --quantize none,int8")
-    return sorted(set(out), reverse=True), list(dict.fromkeys(ms)), list(dict.fromkeys(qs))
+        raise ConfigError(f"{flag} {text!r}: {bad} not among {', '.join(allowed)}; e.g. {flag} {example}")
+    return list(dict.fromkeys(items))
 
 
 def pareto(points: list[dict[str, Any]], size_tol: float = 0.005) -> None:
@@ -67,50 +71,51 @@ def run_sweep(loaded: Any, calib: Any, held: Any, ratios: list[float], methods: 
     from .validate import ReferenceCache, validate
 
     say = progress or (lambda msg: None)
-    work = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="lrcompress-sweep-"))
-    work.mkdir(parents=True, exist_ok=True)
-    model = loaded.model.eval()
-    example = example_inputs(loaded.tokenizer, None, max_length=max_length) if loaded.tokenizer is not None else \
-        {k or "input": v for k, v in next(held.batches(1)).inputs.items()}
-    ref_path = exporters.export_onnx(model, example, work / "original.onnx").path
-    reference = ReferenceCache(ref_path)  # the original's outputs and latency are measured once
     points: list[dict[str, Any]] = []
-    params0 = sum(p.numel() for p in model.parameters())
+    with contextlib.ExitStack() as stack:  # without keep, the exports go to a folder removed at the end
+        work = Path(keep or stack.enter_context(tempfile.TemporaryDirectory(prefix="lrcompress-sweep-")))
+        work.mkdir(parents=True, exist_ok=True)
+        model = loaded.model.eval()
+        example = example_inputs(loaded.tokenizer, None, max_length=max_length) if loaded.tokenizer is not None else \
+            {k or "input": v for k, v in next(held.batches(1)).inputs.items()}
+        ref_path = exporters.export_onnx(model, example, work / "original.onnx").path
+        reference = ReferenceCache(ref_path)  # the original's outputs and latency are measured once
+        params0 = sum(p.numel() for p in model.parameters())
 
-    def measure(label: str, method: str, ratio: float, quant: str, path: Path, params: int) -> None:
-        if quant == "int8":
-            q = path.with_name(path.stem + ".int8.onnx")
-            exporters.quantize_int8(path, q)
-            path = q
-        rep = validate(str(path), model, "original", held, threads=threads, batch_size=1, max_length=max_length,
-                       runs=runs, reference_cache=reference)
-        out = next(iter(rep.outputs.values()))
-        lat_c, lat_r = rep.latency["candidate"], rep.latency["reference"]
-        point = {"label": label, "method": method, "ratio": ratio, "quantize": quant, "params": params,
-                 "bytes": rep.sizes["candidate"], "p50_ms": lat_c["p50_ms"], "p90_ms": lat_c["p90_ms"],
-                 "reference_p50_ms": lat_r["p50_ms"], "cos_mean": out["cos_mean"], "cos_worst": out["cos_worst"],
-                 "drift": 1.0 - out["cos_mean"], "path": str(path) if keep else None}
-        if "top1_agreement" in out:
-            point["top1_agreement"] = out["top1_agreement"]
-        points.append(point)
-        say(f"{label:28} {point['bytes'] / 1e6:8.2f} MB  p50 {point['p50_ms']:7.2f} ms  cos {point['cos_mean']:.4f}")
+        def measure(label: str, method: str, ratio: float, quant: str, path: Path, params: int) -> None:
+            if quant == "int8":
+                q = path.with_name(path.stem + ".int8.onnx")
+                exporters.quantize_int8(path, q)
+                path = q
+            rep = validate(str(path), model, "original", held, threads=threads, batch_size=1, max_length=max_length,
+                           runs=runs, reference_cache=reference)
+            out = next(iter(rep.outputs.values()))
+            lat_c, lat_r = rep.latency["candidate"], rep.latency["reference"]
+            point = {"label": label, "method": method, "ratio": ratio, "quantize": quant, "params": params,
+                     "bytes": rep.sizes["candidate"], "p50_ms": lat_c["p50_ms"], "p90_ms": lat_c["p90_ms"],
+                     "reference_p50_ms": lat_r["p50_ms"], "cos_mean": out["cos_mean"], "cos_worst": out["cos_worst"],
+                     "drift": 1.0 - out["cos_mean"], "path": str(path) if keep else None}
+            if "top1_agreement" in out:
+                point["top1_agreement"] = out["top1_agreement"]
+            points.append(point)
+            say(f"{label:28} {point['bytes'] / 1e6:8.2f} MB  p50 {point['p50_ms']:7.2f} ms  cos {point['cos_mean']:.4f}")
 
-    for quant in quants:
-        measure("original" + (" + int8" if quant == "int8" else ""), "original", 1.0, quant, ref_path, params0)
-    stats_by_targets: dict[tuple[str, ...], Any] = {}
-    for method in methods:
-        mcfg = method_config(method)
-        names = tuple(select_targets(model, tuple(targets), tuple(exclude), method))
-        for ratio in ratios:
-            cfg = CompressConfig(method=mcfg, ratio=ratio, scope="model", targets=names)
-            if calib is not None and names not in stats_by_targets:  # calibrate once per target set
-                say(f"calibrating {len(names)} layers")
-                stats_by_targets[names] = gather(model, cfg, calib, batch_size=batch_size)
-            student, crep = compress(model, cfg, stats_by_targets.get(names))
-            path = exporters.export_onnx(student.eval(), example, work / f"{method}-{ratio:g}.onnx").path
-            for quant in quants:
-                measure(f"{method} {ratio:g}" + (" + int8" if quant == "int8" else ""), method, ratio, quant, path,
-                        crep.params_after)
+        for quant in quants:
+            measure("original" + (" + int8" if quant == "int8" else ""), "original", 1.0, quant, ref_path, params0)
+        stats_by_targets: dict[tuple[str, ...], Any] = {}
+        for method in methods:
+            mcfg = method_config(method)
+            names = tuple(select_targets(model, tuple(targets), tuple(exclude), method))
+            for ratio in ratios:
+                cfg = CompressConfig(method=mcfg, ratio=ratio, scope="model", targets=names)
+                if calib is not None and names not in stats_by_targets:  # calibrate once per target set
+                    say(f"calibrating {len(names)} layers")
+                    stats_by_targets[names] = gather(model, cfg, calib, batch_size=batch_size)
+                student, crep = compress(model, cfg, stats_by_targets.get(names))
+                path = exporters.export_onnx(student.eval(), example, work / f"{method}-{ratio:g}.onnx").path
+                for quant in quants:
+                    measure(f"{method} {ratio:g}" + (" + int8" if quant == "int8" else ""), method, ratio, quant, path,
+                            crep.params_after)
     pareto(points)
     return points
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -177,8 +178,12 @@ def test_pareto_marks_only_undominated_points() -> None:
     assert [p["pareto"] for p in same] == [False, True]
 
 
-def test_sweep_cli_table_json_plot(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_sweep_cli_table_json_plot(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                   monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("matplotlib")
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     calib = mlp_calib(tmp_path)
     held = tmp_path / "held.npy"
     np.save(held, np.random.default_rng(5).standard_normal((40, 32)).astype(np.float32))
@@ -197,6 +202,7 @@ def test_sweep_cli_table_json_plot(tmp_path: Path, capsys: pytest.CaptureFixture
         w = next(p for p in pts if p["method"] == "svd-whiten" and p["ratio"] == ratio and p["quantize"] == "none")
         assert w["params"] <= ratio * orig["params"] + 1
     assert (tmp_path / "p.png").stat().st_size > 10_000
+    assert not list(scratch.glob("lrcompress-sweep-*"))  # without --keep the exported points are removed
 
 
 # ---------------------------------------------------------------- latency-aware planning
