@@ -83,7 +83,10 @@ def calibrate(
     device: str | torch.device = "cpu",
     progress: Callable[[int], None] | None = None,
 ) -> Calibration:
-    """Run ``batches`` through ``model`` once and collect statistics for modules ``names``."""
+    """Run ``batches`` through ``model`` once and collect statistics for modules ``names``.
+    NaN/Inf parameters or buffers are refused first (WeightError naming the first one)."""
+    from .targets import check_finite
+    check_finite(model)
     modules = dict(model.named_modules())
     calib = Calibration()
     state: dict[str, object] = {"mask": None, "cache": {}}

@@ -23,7 +23,8 @@ CalibrationLike = Calibration | TextData | TensorData | Iterable[Batch] | None
 
 def gather(model: nn.Module, config: CompressConfig, data: CalibrationLike, *, batch_size: int = 32,
            device: str | torch.device = "cpu", progress: Callable[[int], None] | None = None) -> Calibration | None:
-    """Turn data into per-layer statistics for the config's targets (pass-through if already done)."""
+    """Turn data into per-layer statistics for the config's targets (pass-through if already done).
+    NaN/Inf parameters or buffers are refused before any batch runs (``calibrate``)."""
     if data is None or isinstance(data, Calibration):
         return data
     if batch_size < 1:

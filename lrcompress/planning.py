@@ -15,7 +15,7 @@ from .allocation import allocate, budget_for, budget_fraction, mn, sensitivities
 from .errors import ConfigError
 from .methods import Metric, Spectrum, svd_spectrum, whitened_spectrum
 from .methods.whiten import metric_from_stats
-from .targets import check_finite, layer_kind, layer_matrix, select_targets, tied_weights
+from .targets import check_finite, explicit_target, layer_kind, layer_matrix, select_targets, tied_weights
 
 
 @dataclass
@@ -97,8 +97,10 @@ def layer_metric(mod: nn.Module, name: str, calib: Calibration | None, smoothing
 def make_plan(model: nn.Module, config: CompressConfig, calib: Calibration | None = None,
               progress: Callable[[str], None] | None = None) -> Plan:
     """Decide ranks for every target layer. Touches no weight."""
-    from .tensor_plan import allocate_tucker, auto_choice, plan_layer, tensor_method, unsupported
+    from .tensor_plan import (allocate_tucker, auto_choice, check_tensor_budget, check_tt_shape_used,
+                              explicit_refusal, plan_layer, tensor_method, unsupported)
     check_finite(model)
+    check_tensor_budget(config)
     names = select_targets(model, config.targets, config.exclude, config.method.name)
     modules = dict(model.named_modules())
     tied = tied_weights(model, names)
@@ -108,6 +110,7 @@ def make_plan(model: nn.Module, config: CompressConfig, calib: Calibration | Non
     layers: dict[str, LayerPlan] = {}
     plan = Plan([], params_model, config, probe=list(calib.probe) if calib is not None else [])
     tensor_layers: list[tuple[LayerPlan, nn.Module, str]] = []
+    tt_refused: list[tuple[str, nn.Module]] = []
     auto = config.method.name == "auto"
     if auto and config.ratio is None:
         raise ConfigError("--method auto compares methods at equal parameter budgets; give --ratio (not --rank "
@@ -136,10 +139,21 @@ def make_plan(model: nn.Module, config: CompressConfig, calib: Calibration | Non
         if tmethod is not None or kind == "conv":
             lp = LayerPlan(name, kind, shape, tmethod or config.method.name, None, m * n, m * n, 0.0, be)
             layers[name] = lp
+            explicit = explicit_target(name, config.targets)
+            refused = None if tmethod is None else (explicit_refusal(mod, tmethod, config) if explicit
+                                                    else unsupported(mod, tmethod, config))
             if tmethod is None:
                 lp.reason = why or "kxk conv: only --method tucker or cp factorize it"
             elif name in tied:
                 lp.reason = f"weight tied with {tied[name]}: kept dense"
+            elif refused is not None:  # the method cannot take this layer: dense, outside the budget
+                if explicit:
+                    raise ConfigError(f"layer {name!r} is named in --targets but --method {tmethod} cannot take it: "
+                                      f"{refused}; drop it from --targets or compress it with another --method")
+                dense = refused if "dense" in refused else f"{refused}: kept dense"
+                lp.reason = "; ".join(x for x in (why, dense) if x)
+                if tmethod == "tt":
+                    tt_refused.append((name, mod))
             else:
                 lp.reason = why
                 tensor_layers.append((lp, mod, tmethod))
@@ -176,6 +190,8 @@ def make_plan(model: nn.Module, config: CompressConfig, calib: Calibration | Non
                 plan.eval_spectra[name] = whitened_spectrum(w, metric, WhitenedSVDConfig(), None)
         if progress is not None:
             progress(name)
+    if not any(t == "tt" for _, _, t in tensor_layers):
+        check_tt_shape_used(config, tt_refused)
     active = [l for l in layers.values() if l.name in plan.spectra]
     budget = None
     shared: list[LayerPlan] = []
@@ -193,7 +209,7 @@ def make_plan(model: nn.Module, config: CompressConfig, calib: Calibration | Non
             else:
                 frac = budget / max(sum(l.params_before for l in active + [t[0] for t in tensor_layers]), 1)
         presets: dict[str, Any] = {}
-        tucker = [(lp, mod) for lp, mod, t in tensor_layers if t == "tucker" and unsupported(mod, t) is None]
+        tucker = [(lp, mod) for lp, mod, t in tensor_layers if t == "tucker"]
         if tucker and config.ratio is not None and config.allocate == "global":
             share = frac * sum(lp.params_before for lp, _ in tucker)
             presets = allocate_tucker(tucker, plan.grams, share)

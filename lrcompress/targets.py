@@ -39,6 +39,12 @@ def check_pattern(flag: str, pattern: str) -> None:
             raise ConfigError(f"{flag} {pattern!r} is not a valid regular expression ({e}); fix the pattern") from None
 
 
+def explicit_target(name: str, targets: tuple[str, ...]) -> bool:
+    """Whether ``name`` itself is one of ``targets`` by exact name (not a glob, regex, parent
+    module or the method's default layers): only such a layer may fail a run it cannot take."""
+    return any(p == name and not p.startswith("re:") and not any(c in p for c in "*?[") for p in targets)
+
+
 def _selected(pattern: str, name: str) -> bool:
     """A pattern selects a layer when it matches the layer or one of its parent modules."""
     parts = name.split(".")
@@ -132,12 +138,22 @@ def select_targets(model: nn.Module, targets: tuple[str, ...], exclude: tuple[st
     return names
 
 
-def check_finite(model: nn.Module) -> None:
-    """Refuse NaN/Inf weights up front (they would poison every statistic)."""
-    for name, p in model.named_parameters():
-        if p.is_floating_point() and not bool(torch.isfinite(p).all()):
-            raise WeightError(f"parameter {name!r} contains NaN or Inf; fix or re-export the checkpoint "
-                              "before compressing")
+def check_finite(model: nn.Module, before: str = "compressing") -> None:
+    """Refuse NaN/Inf parameters and buffers (e.g. BatchNorm running_var) up front, before any
+    calibration pass or export (they would poison every statistic); names the first one in
+    module order."""
+    seen: set[int] = set()
+    for mname, mod in model.named_modules():
+        for what, items in (("parameter", mod.named_parameters(recurse=False)),
+                            ("buffer", mod.named_buffers(recurse=False))):
+            for pname, t in items:
+                if t is None or id(t) in seen:
+                    continue
+                seen.add(id(t))
+                if (t.is_floating_point() or t.is_complex()) and not t.is_meta and not bool(torch.isfinite(t).all()):
+                    name = f"{mname}.{pname}" if mname else pname
+                    raise WeightError(f"{what} {name!r} contains NaN or Inf; fix or re-export the checkpoint "
+                                      f"before {before}")
 
 
 def tied_weights(model: nn.Module, names: list[str]) -> dict[str, str]:

@@ -50,10 +50,9 @@ def auto_choice(mod: nn.Module, config: CompressConfig, frac: float, gram: torch
         best = min(errs, key=lambda k: errs[k])
         return best, "auto: " + ", ".join(f"{k} {v:.4f}" for k, v in errs.items()) + f" -> {best}"
     if isinstance(mod, nn.Linear) and getattr(config.method, "try_tt", False) and whitened_error is not None:
-        try:
-            tt_err = _predicted(mod, "tt", frac * dense, gram)
-        except ConfigError:
+        if unsupported(mod, "tt") is not None:
             return None, "auto: svd-whiten (features do not factor into TT modes)"
+        tt_err = _predicted(mod, "tt", frac * dense, gram)
         if tt_err < whitened_error:
             return "tt", f"auto: tt {tt_err:.4f} < svd-whiten {whitened_error:.4f}"
         return None, f"auto: svd-whiten {whitened_error:.4f} <= tt {tt_err:.4f}"
@@ -77,7 +76,10 @@ def _predicted(mod: nn.Module, method: str, budget: float, gram: torch.Tensor | 
         f = cp_conv(mod.weight, r, in_gram=gram)
         return f.relative_error if f.usable else math.inf
     from .methods.tt import tt_matrix, tt_max_rank_for_params
-    out_m, in_m = _tt_modes(mod, TTConfig())
+    modes = tt_layer_modes(mod, TTConfig())
+    if isinstance(modes, str):
+        return math.inf
+    out_m, in_m, _ = modes
     r = tt_max_rank_for_params(out_m, in_m, int(budget))
     if r < 1:
         return math.inf
@@ -85,28 +87,99 @@ def _predicted(mod: nn.Module, method: str, budget: float, gram: torch.Tensor | 
     return f.output_error if f.output_error is not None else f.relative_error
 
 
-def unsupported(mod: nn.Module, method: str) -> str | None:
-    """A one-line reason when ``mod`` cannot take ``method`` (kept dense), else None."""
+def unsupported(mod: nn.Module, method: str, config: CompressConfig | None = None) -> str | None:
+    """A one-line reason when ``mod`` cannot take ``method`` (kept dense), else None. For tt the
+    modes come from ``config`` (default: ``TTConfig()``)."""
     if method in ("tucker", "cp"):
         from .conv_layers import conv_unsupported
         return conv_unsupported(mod, method)
+    if method == "tt":
+        tt_config = sub_config(config, "tt") if config is not None else TTConfig()
+        modes = tt_layer_modes(mod, tt_config)
+        return modes if isinstance(modes, str) else None
     return None
 
 
-def _tt_modes(mod: nn.Linear, config: TTConfig) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    from .methods.tt import tt_modes
+def check_tensor_budget(config: CompressConfig) -> None:
+    """Refuse budgets a tensor method has no meaning for, before any layer is looked at."""
+    if config.energy is not None and isinstance(config.method, CPConfig):
+        raise ConfigError("--energy has no meaning for CP (no nested spectrum); use --rank or --ratio")
+    if config.energy is not None and isinstance(config.method, TTConfig):
+        raise ConfigError("--energy is not supported for --method tt; use --rank (largest TT bond) or --ratio")
+
+
+def check_tt_shape_used(config: CompressConfig, refused: list[tuple[str, nn.Module]]) -> None:
+    """Refuse a ``--tt-shape`` that fits none of the Linear layers tt would take (``refused``:
+    the layers it did not fit, when none was planned)."""
+    shape = getattr(config.method, "tt_shape", None)
+    if shape is None or not refused:
+        return
+    name, mod = refused[0]
+    raise ConfigError(f"--tt-shape {_shape_text(shape)} fits no targeted Linear layer (products "
+                      f"{math.prod(shape[0])}:{math.prod(shape[1])}; {name!r} is {mod.out_features}x{mod.in_features}, "
+                      "out x in); give modes whose products match a layer, or --targets only layers of that shape")
+
+
+def _shape_text(shape: tuple[tuple[int, ...], tuple[int, ...]]) -> str:
+    return ":".join("x".join(map(str, part)) for part in shape)
+
+
+def tt_layer_modes(mod: nn.Module, config: TTConfig, *, fallback: bool = True
+                   ) -> tuple[tuple[int, ...], tuple[int, ...], str] | str:
+    """(out modes, in modes, note) of Linear ``mod``, or a one-line reason (str) why no
+    tensor-train fits it. Modes: ``config.tt_shape`` when set, else ``config.modes`` balanced
+    modes per feature count, else (``fallback``) the most modes >= 2 below that which split both
+    counts (``note`` says so)."""
+    from .methods.tt import balanced_split
+    if not isinstance(mod, nn.Linear):
+        return f"{type(mod).__name__} is not an nn.Linear: tensor-train takes Linear layers only"
+    out_f, in_f = mod.out_features, mod.in_features
     if config.tt_shape is not None:
         out_m, in_m = config.tt_shape
-        if math.prod(out_m) != mod.out_features or math.prod(in_m) != mod.in_features:
-            raise ConfigError(f"--tt-shape {'x'.join(map(str, out_m))}:{'x'.join(map(str, in_m))} has products "
-                              f"{math.prod(out_m)}:{math.prod(in_m)} but the layer is {mod.out_features}x"
-                              f"{mod.in_features} (out x in); give modes whose products match, or --targets "
-                              "only layers of that shape")
-        return out_m, in_m
-    try:
-        return tt_modes(mod.out_features, mod.in_features, config.modes)
-    except ValueError as e:
-        raise ConfigError(f"{e}".replace("tt_shape: ", "--method tt: ")) from None
+        if math.prod(out_m) != out_f or math.prod(in_m) != in_f:
+            return (f"--tt-shape {_shape_text(config.tt_shape)} has products {math.prod(out_m)}:{math.prod(in_m)} "
+                    f"but the layer is {out_f}x{in_f} (out x in)")
+        return tuple(out_m), tuple(in_m), ""
+    counts = list(range(config.modes, 1 if fallback else config.modes - 1, -1))
+    for d in counts:
+        out_m, in_m = balanced_split(out_f, d), balanced_split(in_f, d)
+        if out_m is not None and in_m is not None:
+            note = "" if d == config.modes else (f"{d} TT modes: {out_f}x{in_f} (out x in) does not split into "
+                                                 f"{config.modes} balanced modes")
+            return out_m, tuple(sorted(in_m, reverse=True)), note
+
+    def why(n: int) -> str:
+        if any(balanced_split(n, d) is not None for d in counts):
+            return ""
+        if n < 2:
+            return f"{n} is too small"
+        factors, k, rest = [], 2, n
+        while k * k <= rest:
+            while rest % k == 0:
+                factors.append(k)
+                rest //= k
+            k += 1
+        factors += [rest] if rest > 1 else []
+        return f"{n} is prime" if factors == [n] else f"{n} = {' x '.join(map(str, factors or [n]))}"
+    whys = [w for w in dict.fromkeys((why(out_f), why(in_f))) if w]
+    span = f"2 to {config.modes}" if len(counts) > 1 else f"{config.modes}"
+    return (f"{out_f}x{in_f} (out x in) has no tensor-train split into {span} balanced integer modes per side "
+            f"({', '.join(whys) or 'no common number of modes'})")
+
+
+def explicit_refusal(mod: nn.Module, method: str, config: CompressConfig) -> str | None:
+    """Why a layer named exactly in --targets cannot take ``method`` (None: it can). Such a
+    layer gets the configured TT modes only; the reason then names a --tt-shape that fits."""
+    reason = unsupported(mod, method, config)
+    if method != "tt" or reason is not None:
+        return reason
+    tt_config = sub_config(config, "tt")
+    strict = tt_layer_modes(mod, tt_config, fallback=False)
+    if not isinstance(strict, str):
+        return None
+    fewer = tt_layer_modes(mod, tt_config)
+    assert not isinstance(fewer, str)  # unsupported() found the fallback
+    return (f"{strict}; --tt-shape {_shape_text((fewer[0], fewer[1]))} ({len(fewer[0])} modes) would fit it")
 
 
 def _mode_spectrum(mat: torch.Tensor, gram: torch.Tensor | None) -> Any:
@@ -154,7 +227,7 @@ def plan_layer(lp: Any, mod: nn.Module, method: str, config: CompressConfig, fra
     """Fill ``lp`` (a LayerPlan) for a tensor method: ranks, params after, or why dense.
     ``preset``: Tucker ranks chosen by the global allocator (None = keep dense)."""
     lp.method = method
-    reason = unsupported(mod, method)
+    reason = unsupported(mod, method, config)
     if reason is not None:
         lp.reason = reason
         return
@@ -202,10 +275,14 @@ def plan_layer(lp: Any, mod: nn.Module, method: str, config: CompressConfig, fra
         from .methods.tt import tt_full_ranks, tt_max_rank_for_params, tt_params
         if config.energy is not None:
             raise ConfigError("--energy is not supported for --method tt; use --rank (largest TT bond) or --ratio")
-        out_m, in_m = _tt_modes(mod, sub_config(config, "tt"))
+        modes = tt_layer_modes(mod, sub_config(config, "tt"))
+        assert not isinstance(modes, str)  # unsupported() above
+        out_m, in_m, note = modes
+        lp.reason = "; ".join(x for x in (lp.reason, note) if x)
         rank = config.rank if config.rank is not None else tt_max_rank_for_params(out_m, in_m, int(frac * dense))
         if rank < 1:
-            lp.reason = f"TT rank 1 already needs more than {frac:.0%} of the layer: kept dense"
+            lp.reason = "; ".join(x for x in (lp.reason, f"TT rank 1 already needs more than {frac:.0%} of the "
+                                                          "layer: kept dense") if x)
             return
         from .methods.tt import tt_flops
         full = tt_full_ranks(out_m, in_m)
@@ -214,8 +291,9 @@ def plan_layer(lp: Any, mod: nn.Module, method: str, config: CompressConfig, fra
         lp.ranks = [list(out_m), list(in_m), list(ranks)]
         flops = tt_flops(out_m, in_m, ranks)
         if flops > dense:  # dense MACs per input row = out * in = its parameter count
-            lp.reason = (f"TT bond {rank} costs {flops / dense:.1f}x the dense multiply-adds per input: kept "
-                         "dense (lower --ratio/--rank, or use svd-whiten)")
+            lp.reason = "; ".join(x for x in (lp.reason, f"TT bond {rank} costs {flops / dense:.1f}x the dense "
+                                                          "multiply-adds per input: kept dense (lower --ratio/--rank, "
+                                                          "or use svd-whiten)") if x)
             return
     if after >= dense:
         lp.reason = f"{method} at this rank needs {after} >= {dense} params (break-even): kept dense"

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .data import TensorData, TextData
+from .drift import check_reference, compare, summarize
 from .edge import size_of
 from .errors import ConfigError, DataError
 
@@ -27,6 +28,7 @@ GATES = {  # name -> (report key, direction, allowed range of the limit)
     "max_size_ratio": ("size_ratio", "max", (0.0, math.inf)),
 }
 SKIP_COREML = "skipped: Core ML prediction needs macOS"
+FINITE_GATE = "non_finite_examples"  # always checked: examples whose candidate output has NaN/Inf
 
 
 class TorchRunner:
@@ -75,6 +77,19 @@ def check_gates(gates: Mapping[str, float | None]) -> dict[str, float]:
     return out
 
 
+def check_timing(runs: int, time_budget: float | None) -> None:
+    """Refuse a latency ``runs`` count below 1 and a ``time_budget`` (seconds) that is not a
+    finite number > 0, before anything is exported or run."""
+    if isinstance(runs, bool) or not isinstance(runs, int) or runs < 1:
+        raise ConfigError(f"--runs {runs!r} must be an integer >= 1; e.g. --runs 50")
+    if time_budget is None:
+        return
+    if (isinstance(time_budget, bool) or not isinstance(time_budget, (int, float)) or not math.isfinite(time_budget)
+            or time_budget <= 0):
+        raise ConfigError(f"--time-budget {time_budget!r} must be a finite number of seconds > 0 (or left out for "
+                          "no limit); e.g. --time-budget 10")
+
+
 def feeds(data: TextData | TensorData, batch_size: int) -> list[tuple[dict[str, np.ndarray], np.ndarray | None]]:
     """The data as numpy feeds (int64 ids, float32 tensors) with their token masks."""
     out = []
@@ -106,55 +121,6 @@ def select(feed: Mapping[str, np.ndarray], names: list[str], who: str) -> dict[s
     return {n: feed[n] for n in names}
 
 
-def compare(ref: dict[str, np.ndarray], cand: dict[str, np.ndarray], mask: np.ndarray | None,
-            acc: dict[str, dict[str, Any]]) -> None:
-    """Accumulate per-output error statistics for one batch."""
-    for name, r in ref.items():
-        c = cand[name].astype(np.float64)
-        r = r.astype(np.float64)
-        if c.shape != r.shape:
-            raise DataError(f"output {name!r} has shape {list(c.shape)} in the candidate and {list(r.shape)} in the "
-                            "reference; they are not the same model")
-        a = acc.setdefault(name, {"max_abs": 0.0, "abs_sum": 0.0, "n": 0, "d2": 0.0, "r2": 0.0, "cos": [],
-                                  "top1": [0, 0]})
-        m = mask.astype(bool) if mask is not None and r.ndim >= 3 and r.shape[:2] == mask.shape else None
-        diff = np.abs(c - r)
-        sel = diff[m] if m is not None else diff
-        a["max_abs"] = max(a["max_abs"], float(sel.max()) if sel.size else 0.0)
-        a["abs_sum"] += float(sel.sum())
-        a["n"] += sel.size
-        a["d2"] += float((sel ** 2).sum())
-        a["r2"] += float(((r[m] if m is not None else r) ** 2).sum())
-        if m is not None:
-            w = m[..., None].astype(np.float64)
-            pc, pr = (c * w).sum(1) / np.maximum(w.sum(1), 1), (r * w).sum(1) / np.maximum(w.sum(1), 1)
-        else:
-            pc, pr = c.reshape(len(c), -1), r.reshape(len(r), -1)
-        pc, pr = pc.reshape(len(pc), -1), pr.reshape(len(pr), -1)
-        num = (pc * pr).sum(1)
-        den = np.linalg.norm(pc, axis=1) * np.linalg.norm(pr, axis=1)
-        a["cos"].extend((num / np.maximum(den, 1e-30)).tolist())
-        if "logit" in name.lower() or (r.ndim == 2 and r.shape[1] > 1 and name == "output"):
-            agree = c.argmax(-1) == r.argmax(-1)
-            if m is not None and agree.shape == m.shape:
-                agree = agree[m]
-            a["top1"][0] += int(agree.sum())
-            a["top1"][1] += int(agree.size)
-
-
-def summarize(acc: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
-    out = {}
-    for name, a in acc.items():
-        cos = np.array(a["cos"])
-        row = {"max_abs": a["max_abs"], "mean_abs": a["abs_sum"] / max(a["n"], 1),
-               "rel_l2": math.sqrt(a["d2"] / a["r2"]) if a["r2"] > 0 else 0.0,
-               "cos_mean": float(cos.mean()), "cos_worst": float(cos.min()), "examples": len(cos)}
-        if a["top1"][1]:
-            row["top1_agreement"] = a["top1"][0] / a["top1"][1]
-        out[name] = row
-    return out
-
-
 @dataclass
 class ValidationReport:
     candidate: str
@@ -162,6 +128,7 @@ class ValidationReport:
     runtime: str
     status: str = "validated"
     outputs: dict[str, dict[str, float]] = field(default_factory=dict)
+    non_finite: int = 0  # examples whose candidate output has a NaN/Inf value (any output)
     latency: dict[str, dict[str, Any]] = field(default_factory=dict)
     sizes: dict[str, int] = field(default_factory=dict)
     structure: dict[str, Any] = field(default_factory=dict)
@@ -179,11 +146,14 @@ class ValidationReport:
         lines = [f"candidate {self.candidate} vs reference {self.reference} on {self.runtime}: {self.status}"]
         if self.outputs:
             lines.append(f"{'output':24} {'max abs':>10} {'mean abs':>10} {'rel L2':>9} {'cos mean':>9} "
-                         f"{'cos worst':>9} {'top1':>6}")
+                         f"{'cos worst':>9} {'top1':>6} {'NaN/Inf':>7}")
             for n, o in self.outputs.items():
                 t1 = f"{o['top1_agreement']:.4f}" if "top1_agreement" in o else "-"
                 lines.append(f"{n:24} {o['max_abs']:10.3g} {o['mean_abs']:10.3g} {o['rel_l2']:9.4g} "
-                             f"{o['cos_mean']:9.5f} {o['cos_worst']:9.5f} {t1:>6}")
+                             f"{o['cos_mean']:9.5f} {o['cos_worst']:9.5f} {t1:>6} {o.get('non_finite', 0):>7}")
+            if self.non_finite:
+                lines.append(f"{self.non_finite} of {self.setup.get('examples', '?')} examples have NaN/Inf in a "
+                             "candidate output: the candidate is broken whatever the other figures say")
         for who, lat in self.latency.items():
             if "p50_ms" in lat:
                 lines.append(f"latency {who:10} p50 {lat['p50_ms']:8.2f} ms  p90 {lat['p90_ms']:8.2f}  p99 "
@@ -207,6 +177,11 @@ class ValidationReport:
 
 
 def apply_gates(report: ValidationReport, gates: dict[str, float]) -> None:
+    """Record each gate's value and status. A NaN/Inf candidate output always adds the failed
+    ``non_finite_examples`` check (limit 0), and a NaN statistic fails its gate."""
+    if report.non_finite:
+        report.gates.append({"gate": FINITE_GATE, "limit": 0, "value": report.non_finite, "status": "failed",
+                             "by": report.non_finite, "why": "the candidate outputs NaN/Inf on these examples"})
     values: dict[str, float | None] = {"cosine_drift": None, "max_abs": None, "top1_agreement": None,
                                        "latency_ratio": None, "size_ratio": None}
     if report.outputs:
@@ -226,7 +201,7 @@ def apply_gates(report: ValidationReport, gates: dict[str, float]) -> None:
             why = SKIP_COREML if report.status.startswith("skipped") else f"no {key.replace('_', ' ')} measured"
             report.gates.append({"gate": name, "limit": limit, "value": None, "status": "skipped", "why": why})
             continue
-        ok = v <= limit if direction == "max" else v >= limit
+        ok = not math.isnan(v) and (v <= limit if direction == "max" else v >= limit)
         report.gates.append({"gate": name, "limit": limit, "value": v, "status": "passed" if ok else "failed",
                              "by": (v - limit) if direction == "max" else (limit - v)})
 
@@ -245,7 +220,8 @@ class ReferenceCache:
 def validate(candidate: str, reference: nn.Module, reference_name: str, data: TextData | TensorData, *,
              runtime: str | None = None, threads: int = 1, batch_size: int = 8, max_length: int = 128,
              runs: int = 50, warmup: int = 5, time_budget: float | None = None, gates: Mapping[str, float] | None = None,
-             trust_pickle: bool = False, progress: Callable[[str, int, int], None] | None = None,
+             trust_pickle: bool = False, trust_code: bool = False,
+             progress: Callable[[str, int, int], None] | None = None,
              reference_cache: ReferenceCache | None = None) -> ValidationReport:
     """Compare ``candidate`` with ``reference`` on ``data`` in ``runtime`` and apply ``gates``.
     ``reference_cache``: the reference exported once, its outputs and latency kept across calls
@@ -257,8 +233,7 @@ def validate(candidate: str, reference: nn.Module, reference_name: str, data: Te
         raise ConfigError(f"--threads {threads} must be >= 1; e.g. --threads 1")
     if batch_size < 1:
         raise ConfigError(f"--batch-size {batch_size} must be >= 1; e.g. --batch-size 8")
-    if runs < 1:
-        raise ConfigError(f"--runs {runs} must be >= 1; e.g. --runs 50")
+    check_timing(runs, time_budget)
     limits = check_gates(dict(gates or {}))
     p = Path(candidate)
     if not p.exists():
@@ -298,7 +273,7 @@ def validate(candidate: str, reference: nn.Module, reference_name: str, data: Te
             ref_runner, report.sizes["reference"] = _model_runner(reference, runtime, example,
                                                                   Path(tmp.name) / "reference.onnx", threads)
         if kind == "folder":
-            model, _ = load(p, trust_pickle=trust_pickle)
+            model, _ = load(p, trust_pickle=trust_pickle, trust_code=trust_code)
             cand_runner, report.sizes["candidate"] = _model_runner(model, runtime, example,
                                                                    Path(tmp.name) / "candidate.onnx", threads)
         if not getattr(cand_runner, "available_for_prediction", True):
@@ -319,7 +294,8 @@ def validate(candidate: str, reference: nn.Module, reference_name: str, data: Te
             if not common:
                 raise DataError(f"candidate outputs {sorted(c)} and reference outputs {sorted(r)} share no name; "
                                 "export both from the same architecture")
-            compare({n: r[n] for n in common}, c, mask, acc)
+            check_reference({n: r[n] for n in common}, mask)
+            report.non_finite += compare({n: r[n] for n in common}, c, mask, acc)
             if progress:
                 progress("compare", i + 1, len(batches))
         report.outputs = summarize(acc)

@@ -31,8 +31,8 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["TTFactors", "tt_shape", "tt_modes", "tt_full_ranks", "tt_params", "tt_flops", "tt_max_rank_for_params",
-           "tt_matrix", "tt_to_matrix"]
+__all__ = ["TTFactors", "balanced_split", "tt_shape", "tt_modes", "tt_full_ranks", "tt_params", "tt_flops",
+           "tt_max_rank_for_params", "tt_matrix", "tt_to_matrix"]
 
 
 @dataclass(frozen=True)
@@ -108,6 +108,13 @@ def _best_split(n: int, d: int) -> tuple[int, ...] | None:
         return None
     target = math.log(n) / d
     return min(cands, key=lambda t: (sum((math.log(f) - target) ** 2 for f in t), t))
+
+
+def balanced_split(n: int, d: int, max_imbalance: float = 4.0) -> tuple[int, ...] | None:
+    """The most balanced split of ``n`` into ``d`` ascending modes >= 2 whose largest / smallest
+    is <= ``max_imbalance`` (what ``tt_shape`` accepts), or None when there is none."""
+    best = _best_split(n, d)
+    return best if best is not None and best[-1] / best[0] <= max_imbalance else None
 
 
 def tt_shape(n: int, d: int = 3, *, pad: bool = False, max_imbalance: float = 4.0) -> tuple[int, ...]:
