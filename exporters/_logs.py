@@ -38,3 +38,15 @@ def capture_logs(*names: str, level: int = logging.INFO) -> Iterator[list[str]]:
             logger.setLevel(lvl)
             logger.propagate = propagate
             logger.handlers = handlers
+
+
+@contextmanager
+def quiet_logger(name: str, level: int = logging.ERROR) -> Iterator[None]:
+    """Raise the level of the logger ``name`` to ``level`` for the duration of the block, then restore it."""
+    logger = logging.getLogger(name)
+    old = logger.level
+    logger.setLevel(max(level, old))
+    try:
+        yield
+    finally:
+        logger.setLevel(old)

@@ -31,7 +31,7 @@ from .errors import (
     UnsupportedOp,
     first_line,
 )
-from .io_spec import ExampleInputs, eval_mode, locate_op, prepare, widen_examples
+from .io_spec import ExampleInputs, eval_mode, locate_op, prepare, second_example, widen_examples
 
 EXTRA = "coreml"
 SUFFIX = ".mlpackage"
@@ -168,6 +168,8 @@ def export_coreml(
             raise _classify(errors[0][1], state.get("ep")) from errors[0][1]
         if errors:
             info["fallback_reason"] = f"{errors[0][0]}: {first_line(errors[0][1])}"
+        check_program_inputs(mlmodel, spec.input_names, info["capture"])
+        check_program_reads_inputs(mlmodel, wrapper, spec.inputs, info["capture"])
         staged = tmp / target.name
         mlmodel.save(str(staged))
         publish(staged, target)
@@ -176,6 +178,66 @@ def export_coreml(
     info["seconds"] = round(time.perf_counter() - start, 3)
     info["warnings"] = sorted({first_line(w.message) for w in caught})[:20]
     return ExportResult(path=target, info=info)
+
+
+def check_program_inputs(mlmodel: Any, expected: list[str], capture: str) -> None:
+    """Raise :class:`ExportError` unless the converted program's inputs are exactly ``expected`` (names and order)."""
+    names = [feature.name for feature in mlmodel.get_spec().description.input]
+    if names != list(expected):
+        has = f"inputs {names}" if names else "0 inputs"
+        raise ExportError(
+            f"the converted Core ML program has {has} but the model takes {list(expected)} "
+            f"(capture '{capture}' lost inputs: the forward leaves torch, e.g. a numpy round trip); "
+            "keep the forward in torch ops"
+        )
+
+
+def _outputs_read_inputs(mlmodel: Any) -> bool | None:
+    """Whether any output of the converted MIL program depends on a program input (None: cannot tell).
+
+    Conservative: an input reaching an op with nested blocks (cond, loops) counts as read.
+    """
+    program = getattr(mlmodel, "_mil_program", None)
+    if program is None:
+        return None
+    try:
+        for function in program.functions.values():
+            outputs = {id(v) for v in function.outputs}
+            stack, seen = list(function.inputs.values()), set()
+            while stack:
+                var = stack.pop()
+                if id(var) in outputs:
+                    return True
+                if id(var) in seen:
+                    continue
+                seen.add(id(var))
+                for op in var.child_ops:
+                    if op.blocks or op.enclosing_block is not function:
+                        return True
+                    stack.extend(op.outputs)
+        return False
+    except Exception:  # noqa: BLE001 - private coremltools API: when it changes, skip the check
+        return None
+
+
+def check_program_reads_inputs(mlmodel: Any, wrapper: nn.Module, inputs: Mapping[str, torch.Tensor], capture: str) -> None:
+    """Raise :class:`ExportError` if no output of the program depends on its inputs while torch's outputs
+    change on a second example derived from ``inputs`` (the capture traced the model to a constant)."""
+    if _outputs_read_inputs(mlmodel) is not False:
+        return
+    try:
+        with torch.no_grad():
+            first = wrapper(*inputs.values())
+            second = wrapper(*second_example(inputs).values())
+    except Exception:  # noqa: BLE001 - a model that rejects the derived example cannot be compared
+        return
+    if all(torch.equal(a, b) for a, b in zip(first, second)):
+        return
+    raise ExportError(
+        f"the converted Core ML program ignores its inputs {list(inputs)} but the model's output depends on them "
+        f"(capture '{capture}' traced the model to a constant: its forward leaves torch, e.g. a numpy round trip); "
+        "keep the forward in torch ops"
+    )
 
 
 def _convert_exported(

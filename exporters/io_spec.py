@@ -262,3 +262,33 @@ def locate_op(ep: Any, op: str, node_name: str | None = None) -> str | None:
         kind_name = kind.__name__ if isinstance(kind, type) else str(kind).rsplit(".", 1)[-1]
         return f"'{path}' ({kind_name})"
     return None
+
+
+def second_example(inputs: Mapping[str, torch.Tensor], seed: int = 0) -> OrderedDict[str, torch.Tensor]:
+    """Another valid example of the same shapes, derived deterministically from ``inputs``.
+
+    Float inputs get seeded noise of their own scale; integer inputs (token ids) get other values within
+    their [min, max], except 0/1 tensors holding both values (attention masks), which become all ones;
+    bool and constant tensors are kept.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    out: OrderedDict[str, torch.Tensor] = OrderedDict()
+    for name, t in inputs.items():
+        if t.numel() == 0 or t.dtype == torch.bool or t.is_complex():
+            out[name] = t
+        elif t.is_floating_point():
+            base = t.detach().to("cpu", torch.float32)
+            finite = base[torch.isfinite(base)]
+            scale = float(finite.std()) if finite.numel() > 1 else 0.0
+            scale = scale or (float(finite.abs().mean()) if finite.numel() else 0.0) or 1.0
+            noise = torch.randn(base.shape, generator=gen) * scale
+            out[name] = (base + noise).to(t.dtype).to(t.device)
+        else:
+            lo, hi = int(t.min()), int(t.max())
+            if lo == 0 and hi == 1:
+                out[name] = torch.ones_like(t)
+            elif lo == hi:
+                out[name] = t
+            else:
+                out[name] = torch.randint(lo, hi + 1, tuple(t.shape), generator=gen, dtype=t.dtype).to(t.device)
+    return out

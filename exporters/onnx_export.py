@@ -16,10 +16,11 @@ import torch
 from torch import nn
 
 from ._files import check_target, publish, require_file, staging_dir
-from ._logs import capture_logs
+from ._logs import capture_logs, quiet_logger
 from .base import Exporter, ExportResult, Runner
 from .deps import require
 from .errors import BadInput, CorruptArtifact, ExportError, UnsupportedOp, first_line
+from .graph_check import check_follows_torch, check_graph_inputs
 from .io_spec import ExampleInputs, IOSpec, NamedIOModule, eval_mode, locate_op, prepare
 
 EXTRA = "onnx"
@@ -29,6 +30,8 @@ MIN_OPSET = 18
 # Protobuf cannot serialise a message over 2 GiB; keep a margin for the graph itself.
 EXTERNAL_DATA_THRESHOLD = 2 * 1024**3 - 64 * 1024**2
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
+# Logs "torchvision is not installed. Skipping torchvision::nms" (and 3 more) on every export.
+REGISTRATION_LOGGER = "torch.onnx._internal.exporter._registration"
 
 
 def model_bytes(model: nn.Module) -> int:
@@ -264,6 +267,7 @@ def export_onnx(
         eval_mode(model),
         warnings.catch_warnings(record=True) as caught,
         capture_logs("torch.onnx", level=logging.WARNING) as log_lines,
+        quiet_logger(REGISTRATION_LOGGER),
         staging_dir(target) as tmp,
     ):
         warnings.simplefilter("always")
@@ -284,6 +288,8 @@ def export_onnx(
         if fp16:
             convert_to_fp16(staged, large)
         check_onnx(staged)
+        check_graph_inputs(staged, spec, info)
+        info["output_check"] = check_follows_torch(staged, wrapper, spec, info)
         if int8:
             from .quantize import quantize_int8
 

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
+from .targets import check_finite
 
 TARGETS = ("onnx", "ort", "coreml")
 SAMPLE_SENTENCE = "The quick brown fox jumps over the lazy dog near the river bank."
@@ -76,10 +77,8 @@ def export_all(model: nn.Module, inputs: dict[str, torch.Tensor], out: str | Pat
         raise ConfigError(f"--quantize {quantize!r} is not supported; use --quantize int8 (or leave it out)")
     if not isinstance(opset, int) or not 18 <= opset <= 23:
         raise ConfigError(f"--opset {opset!r} is outside [18, 23]; the torch.export-based exporter needs >= 18")
-    import logging
-
+    check_finite(model, "exporting")
     import exporters
-    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     for t in dict.fromkeys(targets):
         exporters.get_exporter(t).ensure_available()
     rows: list[dict[str, Any]] = []

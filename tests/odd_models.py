@@ -1,4 +1,5 @@
-"""A model with an op no exporter knows (a custom torch.library op), for export error tests."""
+"""Models that exporters cannot export faithfully, for export error tests: an op no exporter
+knows (a custom torch.library op) and a forward that leaves torch (numpy round trip)."""
 
 from __future__ import annotations
 
@@ -28,3 +29,20 @@ class StrangeBlock(nn.Module):
 def odd_net() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(8, 8), nn.Sequential(nn.ReLU(), StrangeBlock()))
+
+
+class NumpyRoundTrip(nn.Module):
+    """A forward that leaves torch (numpy round trip): exporters trace it to a constant."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.from_numpy(x.detach().cpu().numpy() * 2.0)
+        return self.fc(y)
+
+
+def numpy_net() -> nn.Module:
+    torch.manual_seed(0)
+    return NumpyRoundTrip()
