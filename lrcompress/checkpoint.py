@@ -3,53 +3,26 @@
 from __future__ import annotations
 
 import json
-import os
+import math
 import shutil
 import sys
-import tempfile
 from pathlib import Path
-from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
 
-from .errors import CheckpointError, OutputError, SourceError
+from .errors import CheckpointError, SourceError
 from .layers import LowRankConv1x1, LowRankEmbedding, LowRankLinear, build_shell
+from .paths import atomic_folder, check_output
+
+__all__ = ["FORMAT", "MANIFEST", "WEIGHTS", "PICKLED", "atomic_folder", "check_output", "factorized_layers",
+           "load", "read_manifest", "save", "versions"]
 
 FORMAT = "lrcompress/1"
 MANIFEST = "lrcompress.json"
 WEIGHTS = "model.safetensors"
 PICKLED = "model.pt"
-
-
-def check_output(out: str | Path, overwrite: bool = False) -> Path:
-    """Refuse output paths that cannot be (re)written, before any work is done."""
-    p = Path(out)
-    if p.exists() and not p.is_dir():
-        raise OutputError(f"output {str(p)!r} is an existing file; choose a folder path with -o")
-    if p.is_dir() and any(p.iterdir()) and not overwrite:
-        raise OutputError(f"output folder {str(p)!r} is not empty; pass --overwrite or choose another -o")
-    probe = p.resolve().parent
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir():
-        raise OutputError(f"cannot create {str(p)!r}: {str(probe)!r} is a file, not a folder; choose another -o")
-    try:
-        tempfile.TemporaryDirectory(prefix=".lrcompress-probe-", dir=probe).cleanup()
-    except OSError as e:
-        raise OutputError(f"cannot write under {str(probe)!r} ({e.strerror or e}); choose a writable -o") from None
-    return p
-
-
-def _missing_parents(p: Path) -> list[Path]:
-    """Ancestors of ``p`` that do not exist yet, deepest first."""
-    out = []
-    q = p.resolve().parent
-    while not q.exists():
-        out.append(q)
-        q = q.parent
-    return out
 
 
 def factorized_layers(model: nn.Module) -> dict[str, dict[str, Any]]:
@@ -96,39 +69,6 @@ def versions(extra: tuple[str, ...] = ()) -> dict[str, str]:
     return out
 
 
-@contextmanager
-def atomic_folder(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling of ``out`` to fill; on success it is renamed into place
-    (replacing an old folder only after the new one is complete), on any failure it and the
-    parent folders this call created are removed, so nothing half-written is left."""
-    out = check_output(out, overwrite)
-    created = _missing_parents(out)
-    tmp: Path | None = None
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-        yield tmp
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / "x")
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException as e:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-        for d in created:  # deepest first; only folders this call made, and only if empty
-            try:
-                d.rmdir()
-            except OSError:
-                break
-        if isinstance(e, OSError):
-            raise OutputError(f"writing {str(out)!r} failed ({e.strerror or e}); check free space and "
-                              "permissions") from None
-        raise
-
-
 def save(model: nn.Module, out: str | Path, source: dict[str, Any], *, plan: dict[str, Any] | None = None,
          side_files: dict[str, Path] | None = None, extra_files: dict[str, str] | None = None,
          overwrite: bool = False) -> Path:
@@ -172,6 +112,13 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
     return manifest
 
 
+DTYPES = ("float32", "float16", "bfloat16", "float64")
+_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+_MAX_DIM = 1 << 31
+
+
 def _shell(info: dict[str, Any], bases: dict[str, nn.Module]) -> nn.Module:
     """An uninitialised factorized module from its manifest entry (``bases``: shared bases
     by group id, filled as the group's members are rebuilt)."""
@@ -189,13 +136,72 @@ def _shell(info: dict[str, Any], bases: dict[str, nn.Module]) -> nn.Module:
             return build_tt_shell(info)
         return build_shell(kind, info["shape"], info["rank"], bias=info.get("bias", False),
                            padding_idx=info.get("padding_idx"), dtype=dtype, info=info)
-    except (KeyError, ValueError, TypeError) as e:
+    except (KeyError, ValueError, TypeError, RuntimeError) as e:
         raise CheckpointError(f"manifest layer entry {info!r:.120} is damaged ({e}); re-run lrcompress compress") from None
 
 
-def load(folder: str | Path, *, trust_pickle: bool = False, with_manifest: bool = False) -> Any:
+def _check_entry(name: str, info: Any, where: str) -> None:
+    """Types and ranges of one manifest layer entry: integers in [0, 2**31], no floats, a float dtype."""
+    def bad(why: str) -> CheckpointError:
+        return CheckpointError(f"{where}: layer {name!r} {why}; the manifest is damaged or edited: re-run "
+                               "lrcompress compress")
+
+    if not isinstance(name, str) or not isinstance(info, dict):
+        raise bad("is not a name with an entry dict")
+    if info.get("dtype", "float32") not in DTYPES:
+        raise bad(f"has dtype {info.get('dtype')!r}, not one of {', '.join(DTYPES)}")
+
+    def walk(key: str, v: Any) -> None:
+        if isinstance(v, bool) or v is None or isinstance(v, str):
+            return
+        if isinstance(v, int):
+            if not 0 <= v <= _MAX_DIM:
+                raise bad(f"has {key} = {v}, outside [0, 2**31]")
+        elif isinstance(v, (list, tuple)):
+            for x in v:
+                walk(key, x)
+        elif isinstance(v, dict):
+            for k, x in v.items():
+                walk(k, x)
+        else:
+            raise bad(f"has {key} = {v!r}, not an integer")
+
+    for k, v in info.items():
+        walk(k, v)
+
+
+def check_layers(manifest: dict[str, Any], header: dict[str, Any], where: str) -> None:
+    """Check every manifest layer entry against the weights file's header before anything is
+    allocated: the shells are built on the meta device and each tensor's shape and dtype must
+    be the file's (a tensor the file stores under another name may not be larger than any it holds)."""
+    largest = max((math.prod(v.get("shape", [])) for v in header.values()), default=0)
+    bases: dict[str, nn.Module] = {}
+    for name, info in manifest.get("layers", {}).items():
+        _check_entry(name, info, where)
+        with torch.device("meta"):
+            shell = _shell(info, bases)
+        for k, t in shell.state_dict(keep_vars=True).items():
+            key = f"{name}.{k}"
+            entry = header.get(key)
+            if entry is None:
+                if t.numel() > largest:
+                    raise CheckpointError(f"{where}: layer {name!r} would hold {key} of shape {list(t.shape)}, larger "
+                                          "than any tensor in the weights file; the manifest is damaged: re-run "
+                                          "lrcompress compress")
+                continue
+            if list(entry.get("shape", [])) != list(t.shape) or _ST_DTYPES.get(entry.get("dtype")) != t.dtype:
+                raise CheckpointError(f"{where}: layer {name!r} gives {key} shape {list(t.shape)} "
+                                      f"{str(t.dtype).replace('torch.', '')} but the weights file holds "
+                                      f"{entry.get('shape')} {entry.get('dtype')}; the manifest and the weights do "
+                                      "not belong together: re-run lrcompress compress")
+
+
+def load(folder: str | Path, *, trust_pickle: bool = False, trust_code: bool = False,
+         with_manifest: bool = False) -> Any:
     """Rebuild the compressed model (and tokenizer, when the folder has one).
 
+    A folder whose architecture comes from a factory runs that code only with ``trust_code``;
+    every manifest entry is checked against the weights file before anything is allocated.
     Returns ``(model, tokenizer)``, or ``(model, tokenizer, manifest)`` with ``with_manifest``.
     """
     from .sources import build_architecture, check_safetensors
@@ -212,8 +218,9 @@ def load(folder: str | Path, *, trust_pickle: bool = False, with_manifest: bool 
         weights = p / WEIGHTS
         if not weights.is_file():
             raise CheckpointError(f"{str(p)!r} has no {WEIGHTS}; the checkpoint is incomplete: re-run compress")
-        check_safetensors(weights)
-        model = build_architecture(spec, p)
+        header = check_safetensors(weights)
+        check_layers(manifest, header, str(p / MANIFEST))
+        model = build_architecture(spec, p, trust_code=trust_code)
         bases: dict[str, nn.Module] = {}
         for name, info in manifest.get("layers", {}).items():
             shell = _shell(info, bases)

@@ -22,6 +22,16 @@ def _check_keys(cls: type, d: dict[str, Any], what: str) -> None:
         raise ConfigError(f"unknown {what} keys {unknown}; allowed: {sorted(known)}")
 
 
+MAX_SEED = 2**32 - 1
+
+
+def check_seed(name: str, value: Any) -> int:
+    """A seed is an integer in [0, 2**32 - 1] (what every generator used here accepts)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SEED:
+        raise ConfigError(f"{name} {value!r} is not an integer in [0, 2**32 - 1]; e.g. {name} 0")
+    return value
+
+
 def _check_number(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ConfigError(f"{name}={value!r} is not a finite number; give e.g. {name}=0.5")
@@ -216,6 +226,7 @@ class CompressConfig:
                                   "use --ratio for other methods")
         if not isinstance(self.latency_int8, bool):
             raise ConfigError(f"latency_int8={self.latency_int8!r} must be true or false")
+        check_seed("--seed", self.seed)
         for k, v in (("latency_threads", self.latency_threads), ("latency_batch", self.latency_batch),
                      ("latency_seq", self.latency_seq)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -347,7 +358,7 @@ class RecoveryConfig:
         _check_int("--max-length", self.max_length, 1, "128")
         _check_int("--eval-every", self.eval_every, 1, "100")
         _check_int("--patience", self.patience, 0, "5 (0 = never stop early)")
-        _check_int("--seed", self.seed, 0, "0")
+        check_seed("--seed", self.seed)
         if self.warmup is not None:
             _check_int("--warmup", self.warmup, 0, "30")
         lr = _check_number("--lr", self.lr)

@@ -9,9 +9,10 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from .errors import DataError
+from .errors import DataError, DataWarning
 
 TENSOR_SUFFIXES = (".npy", ".npz", ".safetensors")
+MAX_TEXT_BYTES = 256 * 2**20  # a text data file larger than this is refused (not read without bound)
 
 
 @dataclass
@@ -32,15 +33,29 @@ class Batch:
         return model(**self.inputs)
 
 
-def read_lines(path: str | Path, limit: int | None = None) -> list[str]:
-    """Non-blank lines of a UTF-8 text file (one example per line)."""
+def check_data_file(path: str | Path, hint: str) -> Path:
+    """An existing regular file: not a folder, a device (/dev/zero) or a FIFO, which would be
+    read without bound or block."""
     p = Path(path)
     if not p.exists():
-        raise DataError(f"data file {str(p)!r} does not exist; pass a text file with one example per line")
+        raise DataError(f"data file {str(p)!r} does not exist; {hint}")
     if p.is_dir():
-        raise DataError(f"data path {str(p)!r} is a folder; pass a text file with one example per line")
+        raise DataError(f"data path {str(p)!r} is a folder; {hint}")
+    if not p.is_file():
+        raise DataError(f"data path {str(p)!r} is not a regular file (a device, FIFO or socket); {hint}")
+    return p
+
+
+def read_lines(path: str | Path, limit: int | None = None) -> list[str]:
+    """Non-blank lines of a UTF-8 text file (one example per line), at most MAX_TEXT_BYTES."""
+    p = check_data_file(path, "pass a text file with one example per line")
     try:
-        text = p.read_text(encoding="utf-8")
+        with open(p, "rb") as fh:
+            raw = fh.read(MAX_TEXT_BYTES + 1)
+        if len(raw) > MAX_TEXT_BYTES:
+            raise DataError(f"data file {str(p)!r} is larger than the {MAX_TEXT_BYTES:,}-byte limit for text data; "
+                            "pass a smaller sample of lines (calibration needs hundreds, not millions)")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise DataError(f"data file {str(p)!r} is not UTF-8 text ({e.reason}); convert it to UTF-8") from None
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
@@ -87,9 +102,20 @@ class TensorData:
             if a.ndim == 0 or a.shape[0] == 0:
                 raise DataError(f"array {k or 'input'!r} in {source} has shape {a.shape}; it needs a "
                                 "first dimension of examples (N, ...) with N >= 1")
+            if a.ndim == 1:
+                raise DataError(f"array {k or 'input'!r} in {source} has shape {a.shape}: one axis cannot hold both "
+                                f"examples and features; save it as (N, features), e.g. x.reshape(1, {a.shape[0]}) "
+                                f"for one example or x.reshape({a.shape[0]}, 1) for {a.shape[0]} scalars")
             if a.dtype.kind not in "fiub":
                 raise DataError(f"array {k or 'input'!r} in {source} has dtype {a.dtype}; inputs must "
                                 "be float, int or bool arrays")
+            if a.dtype.kind == "f":
+                finite = np.isfinite(a).reshape(a.shape[0], -1).all(axis=1)
+                if not finite.all():
+                    bad = np.flatnonzero(~finite)
+                    raise DataError(f"array {k or 'input'!r} in {source} has NaN/Inf values in {len(bad)} of "
+                                    f"{a.shape[0]} examples (first: example {int(bad[0])}); inputs must be finite: "
+                                    "clean or drop those examples")
         if len(set(sizes.values())) != 1:
             raise DataError(f"arrays in {source} disagree on the number of examples {sizes}; "
                             "give every input the same first dimension")
@@ -116,9 +142,7 @@ class TensorData:
 
 def read_tensors(path: str | Path) -> TensorData:
     """Load .npy (one positional input), .npz or .safetensors (named inputs)."""
-    p = Path(path)
-    if not p.exists():
-        raise DataError(f"data file {str(p)!r} does not exist; pass a .npy/.npz/.safetensors file")
+    p = check_data_file(path, "pass a .npy/.npz/.safetensors file")
     suffix = p.suffix.lower()
     try:
         if suffix == ".npy":
@@ -152,4 +176,21 @@ def open_data(path: str | Path, tokenizer: Any | None, max_length: int = 128,
     if tokenizer is None:
         raise DataError(f"data file {str(p)!r} is text but the model has no tokenizer; pass input "
                         f"tensors as one of {TENSOR_SUFFIXES}")
+    warn_empty_lines(lines, tokenizer, str(p))
     return TextData(lines, tokenizer, max_length)
+
+
+def warn_empty_lines(lines: list[str], tokenizer: Any, source: str) -> int:
+    """Warn (DataWarning) when lines tokenize to nothing but special tokens; returns how many."""
+    import warnings
+    try:
+        ids = tokenizer(lines, add_special_tokens=False)["input_ids"]
+    except Exception:  # a tokenizer without batch/keyword support: nothing to check here
+        return 0
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    empty = [i for i, row in enumerate(ids) if all(t in special for t in row)]
+    if empty:
+        warnings.warn(f"{len(empty)} of {len(lines)} lines of {source} tokenize to special tokens only (first: "
+                      f"line {empty[0] + 1} of the non-blank lines, {lines[empty[0]][:40]!r}); they add nothing "
+                      "to the statistics", DataWarning, stacklevel=3)
+    return len(empty)

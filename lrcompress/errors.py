@@ -33,3 +33,16 @@ class CheckpointError(LrcompressError, ValueError):
 
 class TrainingError(LrcompressError, RuntimeError):
     """Recovery training diverged (NaN/Inf loss); the message says what was kept."""
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM reached the command line: clean-up runs as for any error, then the
+    process exits with 128 + the signal number (130, 143)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+class DataWarning(UserWarning):
+    """Data that loads but will not help (e.g. lines that tokenize to special tokens only)."""

@@ -332,6 +332,9 @@ def load_recipe(path: str | os.PathLike[str]) -> Recipe:
     if not p.is_file():
         raise ConfigError(f"recipe {str(path)!r} does not exist or is not a file; give the path of a .toml recipe "
                           "(e.g. samples/minilm/recipe.toml)")
+    if p.stat().st_size > 2**20:
+        raise ConfigError(f"recipe {str(path)!r} is {p.stat().st_size:,} bytes, over the 1 MiB a recipe may have; "
+                          "give the recipe's .toml file, not a data file")
     try:
         doc = tomllib.loads(p.read_text(encoding="utf-8"))
     except UnicodeDecodeError:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .paths import write_text
 from .recipe import CompressSection, DataSection, Recipe, Rule
 
 
@@ -92,10 +93,7 @@ def write_recipe(r: Recipe, path: str | os.PathLike[str]) -> Path:
         rec = replace(rec, data=rel(rec.data), eval_data=rel(rec.eval_data))
     text = dump_recipe(replace(r, source=src, weights=rel(r.weights), recovery=rec, base=base,
                                data=replace(r.data, calib=rel(r.data.calib), eval=rel(r.data.eval))))
-    tmp = p.with_name(f".{p.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, p)
-    return p
+    return write_text(p, text)
 
 
 def section_from_config(config: Any, device: str = "cpu") -> CompressSection:

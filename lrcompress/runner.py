@@ -36,9 +36,24 @@ def candidate_path(folder: Path, v: ValidateSection, e: ExportSection | None) ->
     return folder / "export" / ("model.int8.onnx" if int8 else "model.onnx")
 
 
-def run_recipe(recipe: Recipe, out: str | Path, *, overwrite: bool = False,
+def recipe_inputs(recipe: Recipe) -> list[str]:
+    """The files a recipe reads (weights and data; the source separately), as usable paths."""
+    rec = recipe.recovery
+    paths = [recipe.path(recipe.weights), recipe.path(recipe.data.calib), recipe.path(recipe.data.eval),
+             recipe.path(rec.data) if rec else None, recipe.path(rec.eval_data) if rec else None]
+    return [p for p in paths if p]
+
+
+def is_code_source(source: str) -> bool:
+    """Whether a source spec names code to import (``package.module:factory``, ``file.py:factory``)."""
+    import os
+    return ":" in source and not source.startswith(("torchvision:", "timm:")) and not os.path.exists(source)
+
+
+def run_recipe(recipe: Recipe, out: str | Path, *, overwrite: bool = False, trust_code: bool = False,
                progress: Progress | None = None) -> dict[str, Any]:
-    """Run every stage the recipe names; returns the report (``exit_code`` 0, or 1 on failed gates)."""
+    """Run every stage the recipe names; returns the report (``exit_code`` 0, or 1 on failed gates).
+    A recipe whose source is factory code runs it only with ``trust_code``."""
     import torch
 
     from .checkpoint import atomic_folder, check_output, save
@@ -46,6 +61,10 @@ def run_recipe(recipe: Recipe, out: str | Path, *, overwrite: bool = False,
     from .sources import resolve
 
     say = progress or (lambda stage, msg: None)
+    source = recipe.source_path()
+    if is_code_source(source) and not trust_code:
+        raise ConfigError(f"the recipe's source {recipe.source!r} is code that running the recipe would import and "
+                          "call; nothing was run: pass --trust-code (trust_code=True) if you trust the recipe")
     check_output(out, overwrite)
     calib_path = _data_file(recipe, "[data].calib", recipe.data.calib)
     eval_path = _data_file(recipe, "[data].eval", recipe.data.eval)
@@ -62,7 +81,7 @@ def run_recipe(recipe: Recipe, out: str | Path, *, overwrite: bool = False,
         raise ConfigError("recipe [recovery] needs training text; set [recovery].data or [data].calib")
     seed = recipe.compress.seed if recipe.compress else 0
     torch.manual_seed(seed)
-    loaded = resolve(recipe.source_path(), weights=recipe.path(recipe.weights))
+    loaded = resolve(source, weights=recipe.path(recipe.weights), trust_code=trust_code)
     d = recipe.data
     calib = open_data(calib_path, loaded.tokenizer, d.max_length, d.calib_samples) if calib_path else None
     held = open_data(eval_path, loaded.tokenizer, d.max_length, d.eval_samples) if eval_path else None
@@ -116,7 +135,7 @@ def run_recipe(recipe: Recipe, out: str | Path, *, overwrite: bool = False,
             say("validate", f"{cand.name} on {eval_path}")
             vrep = validate(str(cand), model, recipe.source, held, runtime=None if v.artifact != "model" else "torch",
                             threads=v.threads, batch_size=v.batch_size, max_length=d.max_length, runs=v.runs,
-                            gates=v.gates)
+                            gates=v.gates, trust_code=trust_code)
             vrep.candidate = str(Path(out) / cand.relative_to(tmp))
             report["validation"] = vrep.to_dict()
             exit_code = 1 if vrep.failed else 0

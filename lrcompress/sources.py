@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import importlib
 import importlib.util
+import inspect
+import io
 import json
 import sys
 from dataclasses import dataclass, field
@@ -70,8 +72,9 @@ def minilm_path() -> Path:
     return Path(pkg.get_model_path())
 
 
-def check_safetensors(path: Path) -> None:
-    """Fail with a clear message when a safetensors file is corrupt or truncated."""
+def check_safetensors(path: Path) -> dict[str, Any]:
+    """Fail with a clear message when a safetensors file is corrupt or truncated; returns its
+    header (tensor name -> dtype, shape, offsets)."""
     from safetensors import safe_open
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -84,6 +87,7 @@ def check_safetensors(path: Path) -> None:
         end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
         if 8 + n + end != size:
             raise ValueError(f"data ends at byte {8 + n + end} but the file has {size}")
+        return {k: v for k, v in header.items() if k != "__metadata__"}
     except Exception as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise SourceError(f"{str(path)!r} is not a valid safetensors file ({msg}); the file is corrupt "
@@ -134,20 +138,49 @@ def apply_weights(model: nn.Module, state: dict[str, torch.Tensor], origin: str)
     model.load_state_dict(state, strict=True)
 
 
-def _import_factory(target: str) -> Any:
-    mod_name, _, attr = target.rpartition(":")
+@contextlib.contextmanager
+def _user_code(target: str, origin: str) -> Iterator[None]:
+    """Run a factory's import or call: ``sys.argv`` holds only its file, what it prints goes to
+    stderr (stdout stays clean for --json), a ``sys.exit`` becomes a one-line SourceError, and
+    the current folder is importable only for the duration."""
+    saved_argv, saved_path = sys.argv, list(sys.path)
+    out, err = io.StringIO(), io.StringIO()
+    sys.argv = [origin]
+    if "" not in sys.path and str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))
     try:
-        if mod_name.endswith(".py"):
-            path = Path(mod_name)
-            if not path.is_file():
-                raise SourceError(f"source {target!r}: file {mod_name!r} does not exist")
-            spec = importlib.util.spec_from_file_location(f"_lrc_src_{path.stem}", path)
-            module = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(module)
-        else:
-            if "" not in sys.path and str(Path.cwd()) not in sys.path:
-                sys.path.insert(0, str(Path.cwd()))
-            module = importlib.import_module(mod_name)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            yield
+    except SystemExit as e:
+        said = (err.getvalue() or out.getvalue()).strip().splitlines()
+        printed = f" after printing {said[0][:120]!r}" if said else ""
+        raise SourceError(f"source {target!r}: {origin!r} called sys.exit({e.code!r}){printed} while being "
+                          "imported or called; a factory module must not exit or parse the command line (guard "
+                          "that code with if __name__ == '__main__')") from None
+    finally:
+        sys.argv = saved_argv
+        sys.path[:] = saved_path
+    sys.stderr.write(err.getvalue() + out.getvalue())  # what the factory printed, kept off stdout
+
+
+def _import_factory(target: str) -> Any:
+    """Import the callable ``target`` names and check, before calling it, that it is a
+    factory: a Python function or an nn.Module class that takes no required argument."""
+    mod_name, _, attr = target.rpartition(":")
+    if not mod_name or not attr:
+        raise SourceError(f"source {target!r} is not package.module:factory or file.py:factory; name the "
+                          "function that returns the model, e.g. mypkg.models:build_net")
+    try:
+        with _user_code(target, mod_name):
+            if mod_name.endswith(".py"):
+                path = Path(mod_name)
+                if not path.is_file():
+                    raise SourceError(f"source {target!r}: file {mod_name!r} does not exist")
+                spec = importlib.util.spec_from_file_location(f"_lrc_src_{path.stem}", path)
+                module = importlib.util.module_from_spec(spec)
+                spec.loader.exec_module(module)
+            else:
+                module = importlib.import_module(mod_name)
     except SourceError:
         raise
     except Exception as e:
@@ -157,25 +190,50 @@ def _import_factory(target: str) -> Any:
     if fn is None or not callable(fn):
         raise SourceError(f"source {target!r}: {mod_name!r} has no callable {attr!r}; name a function "
                           "that returns an nn.Module")
+    is_class = isinstance(fn, type)
+    if not (inspect.isfunction(fn) or (is_class and issubclass(fn, nn.Module))):
+        raise SourceError(f"source {target!r} is a {type(fn).__name__}, not a factory (a Python function or "
+                          "nn.Module class returning the model); it was not called: name your model's factory")
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        sig = None
+    required = [p.name for p in (sig.parameters.values() if sig else ())
+                if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    if required:
+        raise SourceError(f"source {target!r} needs arguments ({', '.join(required)}) but a factory is called with "
+                          "none; it was not called: wrap it in a function without required arguments")
     return fn
 
 
-def build_architecture(spec: dict[str, Any], folder: Path | None = None) -> nn.Module:
-    """Rebuild an (uninitialised-weights) architecture from a manifest spec."""
+def build_architecture(spec: dict[str, Any], folder: Path | None = None, *, trust_code: bool = False) -> nn.Module:
+    """Rebuild an (uninitialised-weights) architecture from a manifest spec. A ``factory`` spec
+    runs code named by the manifest, so it needs ``trust_code``."""
     kind = spec.get("kind")
     if kind == "hf":
         return _hf_from_config(folder if folder is not None else Path(spec["path"]), spec.get("class"))
     if kind == "factory":
-        return _call_factory(spec["target"])
+        target = spec.get("target")
+        if not isinstance(target, str):
+            raise SourceError(f"manifest source target {target!r} is not a factory name; the manifest is damaged")
+        if not trust_code:
+            where = f"{str(folder)!r} rebuilds" if folder is not None else "this checkpoint rebuilds"
+            raise SourceError(f"{where} its architecture by running the code {target!r} named in its manifest; "
+                              "nothing was run: pass --trust-code (trust_code=True) if you trust where the folder "
+                              "came from")
+        return _call_factory(target)
     if kind in ("torchvision", "timm"):
-        return _zoo(kind, spec["name"])
+        return _zoo(kind, str(spec.get("name")))
     raise SourceError(f"cannot rebuild an architecture of kind {kind!r}")
 
 
 def _call_factory(target: str) -> nn.Module:
     fn = _import_factory(target)
     try:
-        model = fn()
+        with _user_code(target, target.rpartition(":")[0]):
+            model = fn()
+    except SourceError:
+        raise
     except Exception as e:
         raise SourceError(f"source {target!r}: calling the factory failed ({type(e).__name__}: {e})") from None
     if not isinstance(model, nn.Module):
@@ -199,11 +257,18 @@ def _zoo(kind: str, name: str) -> nn.Module:
 
 
 def _hf_class(config: Any, class_name: str | None) -> Any:
+    """transformers' own model class for ``class_name`` (or the config's architectures), never
+    remote code; a name that is not a transformers model class is refused."""
     import transformers
-    names = [class_name] if class_name else list(getattr(config, "architectures", None) or [])
-    for n in names:
-        cls = getattr(transformers, n, None)
-        if cls is not None:
+    if class_name is not None:
+        cls = getattr(transformers, class_name, None) if isinstance(class_name, str) else None
+        if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+            raise SourceError(f"manifest class {class_name!r} is not a transformers model class; the manifest is "
+                              "damaged or not from lrcompress: re-run lrcompress compress")
+        return cls
+    for n in list(getattr(config, "architectures", None) or []):
+        cls = getattr(transformers, n, None) if isinstance(n, str) else None
+        if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
             return cls
     return transformers.AutoModel
 
@@ -213,10 +278,18 @@ def _hf_from_config(folder: Path, class_name: str | None) -> nn.Module:
         from transformers import AutoConfig
     except ImportError:
         raise SourceError("Hugging Face folders need transformers; pip install 'lrcompress[hf]'") from None
+    try:
+        with quiet_hf():
+            config = AutoConfig.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
+    except Exception as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise SourceError(f"cannot read {str(folder / 'config.json')!r} ({msg[:200]}); only transformers' own "
+                          "architectures load (never remote code): check the folder's config.json") from None
+    cls = _hf_class(config, class_name)
     with quiet_hf():
-        config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
-        cls = _hf_class(config, class_name)
-        return cls.from_config(config) if hasattr(cls, "from_config") else cls(config)
+        if hasattr(cls, "from_config"):
+            return cls.from_config(config, trust_remote_code=False)
+        return cls(config)
 
 
 def _hf_folder(folder: Path) -> Loaded:
@@ -232,9 +305,9 @@ def _hf_folder(folder: Path) -> Loaded:
         check_safetensors(w)
     try:
         with quiet_hf():
-            config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
+            config = AutoConfig.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
             cls = _hf_class(config, None)
-            model = cls.from_pretrained(str(folder), local_files_only=True)
+            model = cls.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
     except Exception as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise SourceError(f"cannot load the Hugging Face folder {str(folder)!r} ({msg[:200]}); check that "
@@ -242,18 +315,22 @@ def _hf_folder(folder: Path) -> Loaded:
     tokenizer = None
     try:
         with quiet_hf():
-            tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+            tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
     except Exception:
         tokenizer = None
     side = {f: folder / f for f in HF_SIDE_FILES if (folder / f).is_file()}
     return Loaded(model, tokenizer, {"kind": "hf", "class": type(model).__name__, "path": str(folder)}, side)
 
 
-def resolve(source: str, *, weights: str | None = None, trust_pickle: bool = False) -> Loaded:
-    """Resolve ``source`` to a model. Raises SourceError/WeightError with a one-line reason."""
+def resolve(source: str, *, weights: str | None = None, trust_pickle: bool = False,
+            trust_code: bool = False) -> Loaded:
+    """Resolve ``source`` to a model. Raises SourceError/WeightError with a one-line reason.
+
+    A factory named by ``source`` itself runs (the caller named it); code named only inside a
+    compressed folder's manifest runs only with ``trust_code``."""
     if not isinstance(source, str) or not source.strip():
         raise SourceError("SOURCE is empty; give a model folder, 'minilm', or package.module:factory")
-    loaded = _resolve(source, trust_pickle)
+    loaded = _resolve(source, trust_pickle, trust_code)
     if weights is not None:
         if loaded.spec.get("kind") == "lrcompress":
             raise SourceError("--weights cannot be combined with a compressed folder; its weights are "
@@ -264,7 +341,7 @@ def resolve(source: str, *, weights: str | None = None, trust_pickle: bool = Fal
     return loaded
 
 
-def _resolve(source: str, trust_pickle: bool) -> Loaded:
+def _resolve(source: str, trust_pickle: bool, trust_code: bool) -> Loaded:
     if source == "minilm":
         loaded = _hf_folder(minilm_path())
         loaded.spec["path"] = "minilm"
@@ -277,7 +354,7 @@ def _resolve(source: str, trust_pickle: bool) -> Loaded:
     if p.is_dir():
         if (p / MANIFEST).is_file():
             from .checkpoint import load
-            model, tok, manifest = load(p, trust_pickle=trust_pickle, with_manifest=True)
+            model, tok, manifest = load(p, trust_pickle=trust_pickle, trust_code=trust_code, with_manifest=True)
             side = {f: p / f for f in HF_SIDE_FILES if (p / f).is_file()}
             return Loaded(model, tok, dict(manifest["source"], kind="lrcompress",
                                            arch=manifest["source"]), side)

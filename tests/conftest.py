@@ -6,6 +6,7 @@ import importlib.util
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -50,3 +51,153 @@ def token_inputs(tmp_path: Path) -> Path:
 @pytest.fixture(scope="session")
 def calib_txt() -> Path:
     return SAMPLES / "calib.txt"
+
+
+# --------------------------------------------------------------------------------------------
+# hostile-input harness: every case runs the CLI in-process and then proves that nothing ran
+# that must not, no input changed, nothing was left on disk and the user saw one clean line.
+
+MLP = "tests.models:tiny_mlp"
+TOK = "tests.models:tiny_token_model"
+PAYLOAD = '''import pathlib
+pathlib.Path({marker!r}).write_text("ran at import")
+{extra}
+def build():
+    pathlib.Path({marker!r}).write_text("ran the factory")
+    from tests.models import tiny_mlp
+    return tiny_mlp()
+'''
+
+
+def file_hashes(root: Path) -> dict[str, str]:
+    """sha256 of every regular file under ``root`` (relative path -> digest)."""
+    import hashlib
+    out = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and not p.is_symlink():
+            out[str(p.relative_to(root))] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def all_paths(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*")}
+
+
+def cli_run(argv: list, capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
+    """The CLI in-process, exactly as given (no implicit --trust-code)."""
+    from lrcompress.cli import main
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    code = exc.value.code
+    return (0 if code is None else code), out, err
+
+
+class World:
+    """One hostile case's files: inputs under ``in/``, outputs aimed at ``out``, and a marker
+    file that code which must not run would create."""
+
+    def __init__(self, tmp: Path, shared: dict[str, Path]) -> None:
+        self.tmp, self.shared = tmp, shared
+        self.inp = tmp / "in"
+        self.inp.mkdir(exist_ok=True)
+        self.out = tmp / "out"
+        self.marker = tmp / "MARKER"
+
+    def path(self, name: str) -> Path:
+        return self.inp / name
+
+    def npy(self, arr: np.ndarray, name: str = "x.npy") -> Path:
+        np.save(self.path(name), arr)
+        return self.path(name)
+
+    def calib(self, n: int = 64, d: int = 32, name: str = "calib.npy") -> Path:
+        return self.npy(np.random.default_rng(1).standard_normal((n, d)).astype(np.float32), name)
+
+    def text(self, content: str | bytes, name: str = "t.txt") -> Path:
+        p = self.path(name)
+        p.write_bytes(content if isinstance(content, bytes) else content.encode())
+        return p
+
+    def payload(self, name: str = "evil.py", extra: str = "") -> Path:
+        """A factory file whose import and call both create the marker."""
+        return self.text(PAYLOAD.format(marker=str(self.marker), extra=extra), name)
+
+    def copy(self, key: str, name: str | None = None) -> Path:
+        """A copy of a session-built input (``mlp_ck``, ``tok_ck``, ``tok_data``, ``mlp_onnx``)."""
+        import shutil
+        src = self.shared[key]
+        dst = self.path(name or src.name)
+        if src.is_dir():
+            shutil.copytree(src, dst)
+        else:
+            shutil.copyfile(src, dst)
+        return dst
+
+    def manifest(self, ck: Path, edit: Any) -> Path:
+        """Apply ``edit(manifest_dict)`` to ``ck``'s lrcompress.json."""
+        import json
+        m = json.loads((ck / "lrcompress.json").read_text())
+        edit(m)
+        (ck / "lrcompress.json").write_text(json.dumps(m))
+        return ck
+
+    def evil_ck(self, target: str | None = None) -> Path:
+        """A compressed folder whose manifest rebuilds the architecture from the payload."""
+        ck = self.copy("mlp_ck", "ck")
+        tgt = target or f"{self.payload()}:build"
+        return self.manifest(ck, lambda m: m["source"].update(kind="factory", target=tgt))
+
+
+@pytest.fixture(scope="session")
+def hostile_shared(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Inputs built once per session: compressed toy folders, token data, an ONNX model."""
+    d = tmp_path_factory.mktemp("hostile-shared")
+    rng = np.random.default_rng(0)
+    ids = np.minimum(rng.zipf(1.3, size=(40, 10)), 199).astype(np.int64)
+    np.savez(d / "tokens.npz", input_ids=ids, attention_mask=np.ones_like(ids))
+    np.save(d / "x.npy", rng.standard_normal((8, 32)).astype(np.float32))
+    for argv in (["compress", MLP, "--method", "svd", "--rank", "4", "-o", d / "mlp_ck", "-q"],
+                 ["compress", TOK, "--calib", d / "tokens.npz", "--ratio", "0.4", "-o", d / "tok_ck", "-q"]):
+        from lrcompress.cli import main
+        with pytest.raises(SystemExit) as exc:
+            main([str(a) for a in argv])
+        assert exc.value.code in (0, None)
+    import exporters
+
+    from tests.models import tiny_mlp
+    exporters.export_onnx(tiny_mlp().eval(), {"input": torch.from_numpy(np.load(d / "x.npy")[:1])}, d / "mlp.onnx")
+    return {"mlp_ck": d / "mlp_ck", "tok_ck": d / "tok_ck", "tok_data": d / "tokens.npz", "x": d / "x.npy",
+            "mlp_onnx": d / "mlp.onnx"}
+
+
+@pytest.fixture
+def world(tmp_path: Path, hostile_shared: dict[str, Path]) -> World:
+    return World(tmp_path, hostile_shared)
+
+
+def check_hostile(world: World, argv: list, code: int, fragments: list[str], capsys: pytest.CaptureFixture,
+                  *, marker_ok: bool = False) -> str:
+    """Run one case and assert: the exit code; no traceback; for exit 2 exactly one
+    'lrcompress: error:' line holding every fragment (exit 1: fragments somewhere on stderr);
+    every file that existed is byte-identical; after a refusal nothing new is on disk (no
+    output, temp sibling or created parent); the marker of code that must not run is absent."""
+    before_hash, before = file_hashes(world.tmp), all_paths(world.tmp)
+    got, out, err = cli_run(argv, capsys)
+    assert got == code, f"exit {got} (expected {code}); stderr:\n{err}"
+    assert "Traceback" not in err, err
+    if code == 2:
+        lines = [ln for ln in err.splitlines() if not ln.startswith("lrcompress: warning:")]
+        assert len(lines) == 1 and lines[0].startswith("lrcompress: error:"), f"not one error line:\n{err!r}"
+        assert out == "", out
+    for s in fragments:
+        assert s in err, f"{s!r} not in {err!r}"
+    after_hash = file_hashes(world.tmp)
+    changed = [k for k, v in before_hash.items() if after_hash.get(k) != v]
+    assert not changed, f"inputs changed or removed: {changed}"
+    if code != 0:
+        assert all_paths(world.tmp) == before, f"left on disk: {sorted(all_paths(world.tmp) - before)}"
+    if not marker_ok:
+        assert not world.marker.exists(), f"code ran that must not: {world.marker.read_text()}"
+    return err

@@ -143,3 +143,17 @@ class Stack(nn.Module):
 def stack() -> nn.Module:
     torch.manual_seed(0)
     return Stack()
+
+
+class SlowMLP(TinyMLP):
+    """TinyMLP that sleeps in every forward, so a run is long enough to be interrupted."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import time
+        time.sleep(0.05)
+        return super().forward(x)
+
+
+def slow_mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return SlowMLP()

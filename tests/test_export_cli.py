@@ -11,7 +11,7 @@ import torch
 
 import lrcompress
 from tests.conftest import needs_minilm
-from tests.test_bad_input import TOK, expect_user_error, run_main
+from tests.test_bad_input import TOK, expect_user_error, run_main, trusted
 
 exporters = pytest.importorskip("exporters")
 pytest.importorskip("onnxruntime")
@@ -44,7 +44,7 @@ def test_export_compressed_toy_all_targets(tmp_path, tok_inputs, capsys):
     assert sorted(p.name for p in out.iterdir()) == ["model.int8.onnx", "model.mlpackage", "model.onnx", "model.ort"]
     for r in rep["artifacts"]:
         assert r["bytes"] > 0 and Path(r["path"]).exists()
-    model, _ = lrcompress.load(ck)
+    model, _ = lrcompress.load(ck, trust_code=True)
     rng = np.random.default_rng(1)
     ids = rng.integers(1, 199, (3, 17))  # another batch and sequence length than the example
     feed = {"input_ids": ids.astype(np.int64), "attention_mask": np.ones_like(ids, dtype=np.int64)}
@@ -110,7 +110,7 @@ def test_export_compressed_minilm_onnx_matches_torch(tmp_path, capsys):
     cm = json.loads(f.read_text())
     assert cm["status"] == "skipped: Core ML prediction needs macOS" and cm["gates"][0]["status"] == "skipped"
     assert [o["name"] for o in cm["structure"]["outputs"]] == ["last_hidden_state"]
-    model, tok = lrcompress.load(ck)
+    model, tok = lrcompress.load(ck, trust_code=True)
     enc = tok(lines[:3], padding=True, return_tensors="np")
     feed = {k: v.astype(np.int64) for k, v in enc.items()}
     with torch.no_grad():
@@ -133,7 +133,7 @@ def edge(tmp_path_factory: pytest.TempPathFactory, tok_inputs: Path) -> Path:
                  ["export", d / "ck", "--to", "onnx", "--to", "ort", "--to", "coreml", "--quantize", "int8",
                   "--inputs", tok_inputs, "-o", d / "edge", "-q"]):
         with pytest.raises(SystemExit) as exc:
-            main([str(a) for a in argv])
+            main(trusted(argv))
         assert exc.value.code in (0, None)
     return d
 
@@ -155,7 +155,7 @@ def test_validate_reports_drift_latency_and_honours_gates(cand, edge, tok_inputs
     assert [g["status"] for g in rep["gates"]] == ["passed", "passed"] and rep["passed"]
     assert "cos mean" in stdout and "p50" in stdout
     # a gate the candidate cannot meet: exit 1, named with the amount
-    code, stdout, err = run_main(base + ["--max-cosine-drift", "0.0001"], capsys)
+    code, stdout, err = run_main(base + ["--max-cosine-drift", "0.0001", "--overwrite"], capsys)
     assert code == 1
     assert "max_cosine_drift" in err and "vs limit 0.0001" in err
     assert json.loads(report.read_text())["gates"][0]["status"] == "failed"

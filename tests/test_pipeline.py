@@ -136,7 +136,7 @@ def test_save_load_round_trip_is_exact(tmp_path):
     loaded = lc.resolve("tests.models:tiny_mlp")
     lc.compress_(loaded.model, cfg, _mlp_data())
     out = lc.save(loaded.model, tmp_path / "out", loaded.spec)
-    again, tok = lc.load(out)
+    again, tok = lc.load(out, trust_code=True)
     assert tok is None
     x = torch.randn(7, 32)
     with torch.no_grad():
@@ -191,7 +191,7 @@ def test_minilm_cli_compress_is_optimal_reloadable_and_deterministic(tmp_path):
     fact = [l for l in rep["layers"] if l["rank"] is not None]
     assert fact and all(l["error_ratio"] <= 1.005 for l in fact)
     assert rep["totals"]["params_after"] < rep["totals"]["params_before"]
-    model, tok = lc.load(o1)
+    model, tok = lc.load(o1, trust_code=True)
     assert tok is not None
     orig = lc.resolve("minilm")
     small = orig.model
@@ -251,6 +251,6 @@ def test_pointwise_convs_use_whitened_svd_and_keep_stride_padding_bias(tmp_path)
         rel = float((got - out).norm() / base.norm().detach())
         assert rel == pytest.approx(lay.relative_error, rel=1e-3)
     out_dir = lc.save(model, tmp_path / "pw", loaded.spec)
-    again, _ = lc.load(out_dir)
+    again, _ = lc.load(out_dir, trust_code=True)
     with torch.no_grad():
         assert torch.equal(model(x[:3]), again(x[:3]))

@@ -247,7 +247,7 @@ def test_cli_compress_with_recovery_and_recover_folder(tmp_path, token_inputs, c
     assert rep["recovery"]["steps"] == 30
     assert rep["recovery"]["after_fold"]["loss"] < rep["recovery"]["before"]["loss"]
     assert (out / "recovery.json").is_file() and not (tmp_path / "c.recover-state.pt").exists()
-    model, _ = lrcompress.load(out)
+    model, _ = lrcompress.load(out, trust_code=True)
     assert not _has_lora(model)
     assert rep["totals"]["params_after"] == sum(p.numel() for p in model.parameters())
 
@@ -258,7 +258,7 @@ def test_cli_compress_with_recovery_and_recover_folder(tmp_path, token_inputs, c
                                   "--plot", str(tmp_path / "curve.png"), "--json"], capsys)
     assert code == 0, err
     rec = json.loads(stdout)
-    model2, _, manifest = lrcompress.load(out2, with_manifest=True)
+    model2, _, manifest = lrcompress.load(out2, with_manifest=True, trust_code=True)
     assert not _has_lora(model2)
     ranks1 = {n: i["rank"] for n, i in json.loads((out / "lrcompress.json").read_text())["layers"].items()}
     assert {n: i["rank"] for n, i in manifest["layers"].items()} == {n: r + 2 for n, r in ranks1.items()}
@@ -287,13 +287,13 @@ def _torchrun(args: list[str], port: int) -> subprocess.CompletedProcess:
 def test_torchrun_two_processes_match_single_process(tmp_path, token_inputs, capsys):
     ck = _compressed(tmp_path, token_inputs, capsys)
     common = ["recover", str(ck), "--reference", TINY, "--data", str(token_inputs), "--steps", "12",
-              "--batch-size", "8", "--lr", "3e-3", "--eval-every", "4", "--train", "both", "--lora-rank", "2", "-q"]
+              "--batch-size", "8", "--lr", "3e-3", "--eval-every", "4", "--train", "both", "--lora-rank", "2", "-q", "--trust-code"]
     code, _, err = run_main(common + ["-o", str(tmp_path / "one")], capsys)
     assert code == 0, err
     proc = _torchrun([*common, "-o", str(tmp_path / "two")], 29500)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    one, _ = lrcompress.load(tmp_path / "one")
-    two, _ = lrcompress.load(tmp_path / "two")
+    one, _ = lrcompress.load(tmp_path / "one", trust_code=True)
+    two, _ = lrcompress.load(tmp_path / "two", trust_code=True)
     for (n, a), (_, b) in zip(one.state_dict().items(), two.state_dict().items()):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4, msg=n)
     assert not (tmp_path / "two.recover-state.pt").exists()
@@ -305,7 +305,7 @@ def test_torchrun_two_processes_match_single_process(tmp_path, token_inputs, cap
 def test_torchrun_bad_input_exits_2_on_every_rank_and_writes_nothing(tmp_path, token_inputs, capsys):
     ck = _compressed(tmp_path, token_inputs, capsys)
     proc = _torchrun(["recover", str(ck), "--reference", TINY, "--data", str(token_inputs), "--steps", "4",
-                      "--batch-size", "7", "-q", "-o", str(tmp_path / "two")], 28500)
+                      "--batch-size", "7", "-q", "--trust-code", "-o", str(tmp_path / "two")], 28500)
     assert proc.returncode != 0
     errors = [l for l in proc.stderr.splitlines() if l.startswith("lrcompress: error:")]
     # torchrun may stop the slower rank before it reports; every rank that reports says the same line

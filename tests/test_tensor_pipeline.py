@@ -50,7 +50,7 @@ def test_conv_methods_keep_hyper_parameters_and_reload_exactly(tmp_path, method)
         after = model(x)
     assert after.shape == before.shape
     out = lc.save(model, tmp_path / method, loaded.spec)
-    again, _ = lc.load(out)
+    again, _ = lc.load(out, trust_code=True)
     with torch.no_grad():
         assert torch.equal(again(x), after)
 
@@ -85,7 +85,7 @@ def test_tt_linear_through_the_pipeline(tmp_path):
         assert lay.method == "tt" and lay.params_after < lay.params_before
     assert rep.params_after == sum(p.numel() for p in model.parameters())
     out = lc.save(model, tmp_path / "tt", loaded.spec)
-    again, _ = lc.load(out)
+    again, _ = lc.load(out, trust_code=True)
     x = torch.from_numpy(_zoo_data().arrays[""][:3])
     with torch.no_grad():
         assert torch.equal(again(x), model(x))
@@ -166,7 +166,7 @@ def test_shared_basis_is_group_optimal_stored_once_and_reloads(tmp_path):
                for i, (w, g) in enumerate(zip(ws, gs)))
     assert err2 == pytest.approx(float(lam[6:].sum()), rel=1e-4)
     out = lc.save(model, tmp_path / "sh", loaded.spec)
-    again, _ = lc.load(out)
+    again, _ = lc.load(out, trust_code=True)
     assert again.blocks[0].down.basis is again.blocks[1].down.basis
     x = torch.from_numpy(_stack_data().arrays[""][:4])
     with torch.no_grad():
@@ -195,7 +195,7 @@ def test_auto_picks_per_layer_and_explains(tmp_path):
     assert "groups" in by["g"].reason
     assert by["fc"].reason.startswith("auto:") and by["fc"].method in ("svd-whiten", "tt", "dense")
     out = lc.save(model, tmp_path / "auto", loaded.spec)
-    again, _ = lc.load(out)
+    again, _ = lc.load(out, trust_code=True)
     x = torch.from_numpy(_zoo_data().arrays[""][:3])
     with torch.no_grad():
         assert torch.equal(again(x), model(x))

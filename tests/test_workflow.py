@@ -17,6 +17,7 @@ from lrcompress.errors import ConfigError
 from lrcompress.recipe import load_recipe, parse_recipe
 from lrcompress.recipe_write import dump_recipe
 from tests.conftest import needs_minilm
+from tests.test_bad_input import trusted
 
 ROOT = Path(__file__).resolve().parent.parent
 MLP = "tests.models:tiny_mlp"
@@ -26,7 +27,7 @@ DIGITS = ROOT / "samples" / "digits"
 def cli(argv: list, capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
     capsys.readouterr()
     with pytest.raises(SystemExit) as exc:
-        main([str(a) for a in argv])
+        main(trusted(argv))
     out, err = capsys.readouterr()
     return (exc.value.code or 0), out, err
 
@@ -315,5 +316,5 @@ lr = 0.001
     assert rec["steps"] == 6 and rec["after_fold"]["loss"] <= rec["before"]["loss"] + 1e-9
     assert (tmp_path / "o" / "model" / "recovery.json").is_file()
     from lrcompress import load
-    model, _ = load(tmp_path / "o" / "model")
+    model, _ = load(tmp_path / "o" / "model", trust_code=True)
     assert sum(p.numel() for p in model.parameters()) == rep["compression"]["totals"]["params_after"]

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import sys
-from typing import Any
+from pathlib import Path
+from typing import Any, Iterable
 
 import click
 
-from ..errors import ConfigError
+from ..errors import ConfigError, LrcompressError
+from ..paths import PLOT_SUFFIXES, check_distinct, check_not_input, check_output_file
 
 
 def progress_bar(total: int | None, desc: str, enabled: bool) -> Any:
@@ -67,6 +70,9 @@ def check_device(device: str) -> str:
 source_options = [
     click.option("--weights", type=str, default=None, help="Weights for the architecture (safetensors or state dict)."),
     click.option("--trust-pickle", is_flag=True, help="Allow loading a fully pickled module (runs code from the file)."),
+    click.option("--trust-code", is_flag=True,
+                 help="Allow a compressed folder (or recipe) to rebuild its architecture by running the factory "
+                      "code it names."),
 ]
 calib_options = [
     click.option("--calib", "calib", type=str, default=None,
@@ -104,3 +110,45 @@ def is_writer() -> bool:
     """Only rank 0 of a torchrun job writes files and prints reports."""
     import os
     return os.environ.get("RANK", "0") == "0"
+
+
+def source_paths(source: str | None) -> list[Path]:
+    """The files or folders a SOURCE spec reads: a folder or file, the ``file.py`` of a
+    factory, the embedded checkpoint's folder for ``minilm``."""
+    if not source:
+        return []
+    if os.path.exists(source):
+        return [Path(source)]
+    if source == "minilm":
+        from ..sources import minilm_path
+        try:
+            return [minilm_path()]
+        except LrcompressError:  # not installed: resolve() will say so
+            return []
+    module, sep, _ = source.rpartition(":")
+    if sep and module.endswith(".py"):
+        return [Path(module)]
+    return []
+
+
+def check_paths(*, inputs: Iterable[str | None] = (), sources: Iterable[str | None] = (),
+                folders: dict[str, str | None] | None = None, files: dict[str, str | None] | None = None,
+                plots: dict[str, str | None] | None = None, others: dict[str, str | None] | None = None,
+                overwrite: bool = False) -> None:
+    """Before any work: no output (``folders``: replaced folders; ``files``/``plots``: files,
+    replaced only with ``overwrite``; ``others``: paths managed elsewhere, e.g. a resumable state)
+    may be an input of the command (the ``inputs`` and the paths ``sources`` read) or hold one,
+    and no two outputs may share a path."""
+    ins = [i for i in inputs if i] + [str(p) for s in sources for p in source_paths(s)]
+    folders, files, plots, others = folders or {}, files or {}, plots or {}, others or {}
+    for flag, out in folders.items():
+        if out:
+            check_not_input(flag, out, ins, folder=True)
+    for flag, out in {**files, **plots, **others}.items():
+        if out and out != "-":
+            check_not_input(flag, out, ins, folder=False)
+    for flag, out in {**files, **plots}.items():
+        if out and out != "-":
+            check_output_file(flag, out, overwrite=overwrite, suffixes=PLOT_SUFFIXES if flag in plots else None)
+    check_distinct({k: v for k, v in {**folders, **files, **plots, **others}.items() if v and v != "-"})
+

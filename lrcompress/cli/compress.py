@@ -8,10 +8,12 @@ from typing import Any
 import click
 
 from ..errors import ConfigError
+from ..paths import atomic_file
 from .common import (
     apply_options,
     calib_options,
     check_device,
+    check_paths,
     cli,
     is_writer,
     need_matplotlib,
@@ -71,7 +73,8 @@ from .recovery import (
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars, no table.")
-def compress(source: str, output: str | None, weights: str | None, trust_pickle: bool, calib: str | None,
+def compress(source: str, output: str | None, weights: str | None, trust_pickle: bool, trust_code: bool,
+             calib: str | None,
              max_length: int, calib_samples: int | None, batch_size: int, targets: tuple, exclude: tuple,
              method: str | None, rank: str | None, ratio: str | None, energy: str | None, budget: str | None,
              latency_threads: int, latency_int8: bool, save_recipe: str | None, allocate: str,
@@ -127,23 +130,30 @@ def compress(source: str, output: str | None, weights: str | None, trust_pickle:
     rc = recovery_config(recover_steps, kw, recover_batch_size, max_length, seed) if recover_steps else None
     if rc is not None and not (calib or recover_data):
         raise ConfigError("--recover-steps needs training text; pass --calib FILE or --recover-data FILE")
-    if kw.get("plot_file") and rc is not None:
+    if kw.get("plot_file") and rc is None:
+        raise ConfigError("--plot draws the recovery curve and needs --recover-steps N; drop --plot or add "
+                          "--recover-steps")
+    if kw.get("plot_file"):
         need_matplotlib("--plot")
     if not dry_run:
         if output is None:
             raise ConfigError("no output folder given; pass -o OUT (or --dry-run to only print the plan)")
         check_output(output, overwrite)
+    state = state_file_for(output, kw.get("state_file")) if rc is not None and output else None
+    check_paths(inputs=[weights, calib, recover_data, kw.get("eval_data")],
+                sources=[source], folders={"-o": None if dry_run else output},
+                files={"--save-recipe": save_recipe}, plots={"--plot": kw.get("plot_file")},
+                others={"--state": state}, overwrite=overwrite)
     recipe = None
     if save_recipe is not None:
         from ..recipe import DataSection, Recipe, RecoverySection
-        from ..recipe_write import check_recipe_target, section_from_config
-        check_recipe_target(save_recipe)
+        from ..recipe_write import section_from_config
         recipe = Recipe(source, weights, DataSection(calib=calib, max_length=max_length, calib_samples=calib_samples,
                                                      batch_size=batch_size),
                         section_from_config(config, device),
                         RecoverySection(rc, recover_data, kw.get("eval_data")) if rc is not None else None)
     torch.manual_seed(seed)
-    loaded = resolve(source, weights=weights, trust_pickle=trust_pickle)
+    loaded = resolve(source, weights=weights, trust_pickle=trust_pickle, trust_code=trust_code)
     data = open_data(calib, loaded.tokenizer, max_length, calib_samples) if calib else None
     show = show_progress(quiet, as_json)
     if dry_run:
@@ -171,7 +181,6 @@ def compress(source: str, output: str | None, weights: str | None, trust_pickle:
     report.source, report.output = source, output
     rep = None
     if rc is not None:
-        state = state_file_for(output, kw.get("state_file"))
         rep = run_recovery(model, teacher, rc, train, kw.get("eval_data"), loaded.tokenizer, report.stats,
                             device, state, kw.get("resume", False), show)
         report.add_recovery(rep, model)
@@ -204,11 +213,12 @@ def compress(source: str, output: str | None, weights: str | None, trust_pickle:
 @click.option("--suggest-recipe", type=str, default=None,
               help="Write a recipe with the per-layer ranks the global allocation picks at --ratio (needs --calib; "
                    "'-' prints it).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --plot / --suggest-recipe file.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.option("-q", "--quiet", is_flag=True)
-def inspect(source: str, weights: str | None, trust_pickle: bool, calib: str | None, max_length: int,
-            calib_samples: int | None, batch_size: int, targets: tuple, exclude: tuple, ratio: str,
-            plot: str | None, suggest_recipe: str | None, as_json: bool, quiet: bool) -> None:
+def inspect(source: str, weights: str | None, trust_pickle: bool, trust_code: bool, calib: str | None,
+            max_length: int, calib_samples: int | None, batch_size: int, targets: tuple, exclude: tuple, ratio: str,
+            plot: str | None, suggest_recipe: str | None, overwrite: bool, as_json: bool, quiet: bool) -> None:
     """Per layer: shape, params, break-even rank, ranks for 90/99 % energy, rank at --ratio;
     --suggest-recipe writes those ranks as a recipe."""
     from ..calibrate import calibrate
@@ -224,14 +234,12 @@ def inspect(source: str, weights: str | None, trust_pickle: bool, calib: str | N
         raise ConfigError(f"--batch-size {batch_size} must be >= 1; e.g. --batch-size 32")
     if plot is not None:
         need_matplotlib("--plot")
-    if suggest_recipe is not None:
-        from ..recipe_write import check_recipe_target
-        if not calib:
-            raise ConfigError("--suggest-recipe needs --calib FILE: the ranks come from the whitened spectra and "
-                              "measured sensitivities")
-        if suggest_recipe != "-":
-            check_recipe_target(suggest_recipe, "--suggest-recipe")
-    loaded = resolve(source, weights=weights, trust_pickle=trust_pickle)
+    if suggest_recipe is not None and not calib:
+        raise ConfigError("--suggest-recipe needs --calib FILE: the ranks come from the whitened spectra and "
+                          "measured sensitivities")
+    check_paths(inputs=[weights, calib], sources=[source], files={"--suggest-recipe": suggest_recipe},
+                plots={"--plot": plot}, overwrite=overwrite)
+    loaded = resolve(source, weights=weights, trust_pickle=trust_pickle, trust_code=trust_code)
     stats = None
     if calib:
         data = open_data(calib, loaded.tokenizer, max_length, calib_samples)
@@ -239,7 +247,8 @@ def inspect(source: str, weights: str | None, trust_pickle: bool, calib: str | N
         stats = calibrate(loaded.model, data.batches(batch_size), names)
     rep = run_inspect(loaded.model, stats, ratio=r, targets=targets, exclude=exclude)
     if plot is not None:
-        rep.plot(plot)
+        with atomic_file(plot) as tmp:
+            rep.plot(tmp)
     if suggest_recipe is not None:
         from ..recipe_write import suggest_recipe as suggest
         from ..recipe_write import write_recipe

@@ -11,6 +11,7 @@ import click
 from ..errors import ConfigError
 from .common import (
     apply_options,
+    check_paths,
     cli,
     parse_number,
     progress_bar,
@@ -36,8 +37,8 @@ from .common import (
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("-q", "--quiet", is_flag=True)
 def export(source: str, targets: tuple, output: str | None, fp16: bool, fp32: bool, quantize: str | None, opset: int,
-           inputs_file: str | None, max_length: int, weights: str | None, trust_pickle: bool, overwrite: bool,
-           as_json: bool, quiet: bool) -> None:
+           inputs_file: str | None, max_length: int, weights: str | None, trust_pickle: bool, trust_code: bool,
+           overwrite: bool, as_json: bool, quiet: bool) -> None:
     """Export SOURCE (a compressed folder or any model source) to edge formats."""
     from pathlib import Path
 
@@ -50,8 +51,9 @@ def export(source: str, targets: tuple, output: str | None, fp16: bool, fp32: bo
     if output is None:
         p = Path(source)
         output = str(p.parent / f"{p.name}-export") if p.exists() else f"{source.replace(':', '_').replace('/', '_')}-export"
+    check_paths(inputs=[weights, inputs_file], sources=[source], folders={"-o": output})
     check_output(output, overwrite)
-    loaded = resolve(source, weights=weights, trust_pickle=trust_pickle)
+    loaded = resolve(source, weights=weights, trust_pickle=trust_pickle, trust_code=trust_code)
     inputs = example_inputs(loaded.tokenizer, inputs_file, max_length=max_length)
     rows = export_all(loaded.model, inputs, output, list(targets), fp16=fp16, fp32=fp32, quantize=quantize,
                       opset=opset, overwrite=overwrite)
@@ -81,18 +83,19 @@ def export(source: str, targets: tuple, output: str | None, fp16: bool, fp32: bo
 @click.option("--max-size-ratio", type=str, default=None, help="Gate: candidate bytes / reference bytes.")
 @apply_options(source_options)
 @click.option("--json", "json_file", type=str, default=None, help="Also write the report as JSON to this file.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --json file.")
 @click.option("-q", "--quiet", is_flag=True)
 def validate(candidate: str, reference: str, data_path: str, runtime: str | None, threads: int, batch_size: int,
              max_length: int, samples: int | None, runs: int, time_budget: float | None, max_cosine_drift: str | None,
              max_abs_error: str | None, min_top1_agreement: str | None, max_latency_ratio: str | None,
-             max_size_ratio: str | None, weights: str | None, trust_pickle: bool, json_file: str | None,
-             quiet: bool) -> None:
+             max_size_ratio: str | None, weights: str | None, trust_pickle: bool, trust_code: bool,
+             json_file: str | None, overwrite: bool, quiet: bool) -> None:
     """Compare CANDIDATE with --reference on real data: drift, latency, size; exit 1 if a gate fails."""
-    from pathlib import Path
 
     from ..data import open_data
+    from ..paths import write_text
     from ..sources import resolve
-    from ..validate import check_gates
+    from ..validate import check_gates, check_timing
     from ..validate import validate as run_validate
 
     gates = check_gates({
@@ -103,9 +106,10 @@ def validate(candidate: str, reference: str, data_path: str, runtime: str | None
         "max_size_ratio": parse_number("--max-size-ratio", max_size_ratio, float)})
     if threads < 1:
         raise ConfigError(f"--threads {threads} must be >= 1; e.g. --threads 1")
-    if json_file is not None and Path(json_file).is_dir():
-        raise ConfigError(f"--json {json_file!r} is a folder; give a file path")
-    ref = resolve(reference, weights=weights, trust_pickle=trust_pickle)
+    check_timing(runs, time_budget)
+    check_paths(inputs=[candidate, weights, data_path], sources=[reference], files={"--json": json_file},
+                overwrite=overwrite)
+    ref = resolve(reference, weights=weights, trust_pickle=trust_pickle, trust_code=trust_code)
     data = open_data(data_path, ref.tokenizer, max_length, samples)
     show = show_progress(quiet, False)
     bars: dict[str, Any] = {}
@@ -121,12 +125,12 @@ def validate(candidate: str, reference: str, data_path: str, runtime: str | None
     try:
         report = run_validate(candidate, ref.model, reference, data, runtime=runtime, threads=threads,
                               batch_size=batch_size, max_length=max_length, runs=runs, time_budget=time_budget,
-                              gates=gates, trust_pickle=trust_pickle, progress=progress)
+                              gates=gates, trust_pickle=trust_pickle, trust_code=trust_code, progress=progress)
     finally:
         for b in bars.values():
             b.close()
     if json_file is not None:
-        Path(json_file).write_text(json.dumps(report.to_dict(), indent=2, default=str) + "\n")
+        write_text(json_file, json.dumps(report.to_dict(), indent=2, default=str) + "\n")
     if not quiet:
         click.echo(report.table())
     if report.failed:

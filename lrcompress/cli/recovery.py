@@ -6,10 +6,11 @@ from typing import Any
 
 import click
 
-from ..errors import ConfigError
+from ..errors import ConfigError, Interrupted
 from .common import (
     apply_options,
     check_device,
+    check_paths,
     cli,
     is_writer,
     need_matplotlib,
@@ -107,7 +108,7 @@ def run_recovery(student: Any, teacher: Any, rc: Any, data: Any, eval_path: str 
     try:
         return recover(student, teacher, data, rc, eval_data=eval_data, calibration=calibration, device=device,
                        state_path=state, resume=resume, progress=progress)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Interrupted):
         if rank == 0 and state.is_file():
             click.echo(f"recovery interrupted; its last evaluated state is in {state}: re-run the same command "
                        "with --resume to continue", err=True)
@@ -118,9 +119,11 @@ def run_recovery(student: Any, teacher: Any, rc: Any, data: Any, eval_path: str 
 
 def finish_recovery(rep: Any, state: Any, plot_file: str | None) -> None:
     """After a successful save: drop the resumable state, draw the curve."""
+    from ..paths import atomic_file
     state.unlink(missing_ok=True)
     if plot_file:
-        rep.plot(plot_file)
+        with atomic_file(plot_file) as tmp:
+            rep.plot(tmp)
 
 
 @cli.command()
@@ -139,8 +142,8 @@ def finish_recovery(rep: Any, state: Any, plot_file: str | None) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar, no table.")
 def recover(checkpoint: str, reference: str, data_path: str, output: str, steps: int, batch_size: int,
-            max_length: int, seed: int, device: str, weights: str | None, trust_pickle: bool, overwrite: bool,
-            as_json: bool, quiet: bool, **kw: Any) -> None:
+            max_length: int, seed: int, device: str, weights: str | None, trust_pickle: bool, trust_code: bool,
+            overwrite: bool, as_json: bool, quiet: bool, **kw: Any) -> None:
     """Distil a compressed CHECKPOINT against its original (--reference) and fold the adapters."""
     import json as _json
     from pathlib import Path
@@ -164,14 +167,18 @@ def recover(checkpoint: str, reference: str, data_path: str, output: str, steps:
     if kw.get("plot_file"):
         need_matplotlib("--plot")
     read_manifest(checkpoint)
+    check_paths(inputs=[checkpoint, weights, data_path, kw.get("eval_data")], sources=[reference],
+                folders={"-o": output})
     check_output(output, overwrite)
-    if Path(output).resolve() == Path(checkpoint).resolve():
-        raise ConfigError(f"-o {output!r} is the input checkpoint; write the recovered model to another folder")
-    torch.manual_seed(seed)
-    student, tokenizer, manifest = load(checkpoint, trust_pickle=trust_pickle, with_manifest=True)
-    ref = resolve(reference, weights=weights, trust_pickle=trust_pickle)
-    data = open_data(data_path, tokenizer or ref.tokenizer, max_length)
     state = state_file_for(output, kw.get("state_file"))
+    check_paths(inputs=[checkpoint, weights, data_path, kw.get("eval_data")],
+                sources=[reference], folders={"-o": output}, plots={"--plot": kw.get("plot_file")},
+                others={"--state": state}, overwrite=overwrite)
+    torch.manual_seed(seed)
+    student, tokenizer, manifest = load(checkpoint, trust_pickle=trust_pickle, trust_code=trust_code,
+                                        with_manifest=True)
+    ref = resolve(reference, weights=weights, trust_pickle=trust_pickle, trust_code=trust_code)
+    data = open_data(data_path, tokenizer or ref.tokenizer, max_length)
     show = show_progress(quiet, as_json)
     rep = run_recovery(student, ref.model, rc, data, kw.get("eval_data"), tokenizer or ref.tokenizer, None,
                         device, state, kw.get("resume", False), show)

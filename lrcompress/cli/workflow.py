@@ -8,32 +8,33 @@ import sys
 import click
 
 from ..errors import ConfigError
-from .common import apply_options, calib_options, cli, need_matplotlib, source_options
+from .common import apply_options, calib_options, check_paths, cli, need_matplotlib, source_options
 
 
 @cli.command()
 @click.argument("recipe_file", metavar="RECIPE")
 @click.option("-o", "--output", "output", required=True, help="Output folder (model/, export/, report.json, report.md).")
 @click.option("--save-recipe", type=str, default=None, help="Also write the recipe as canonical TOML to this file.")
-@click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder (and an existing --save-recipe).")
+@click.option("--trust-code", is_flag=True, help="Allow a recipe whose source is factory code to run that code.")
 @click.option("--json", "as_json", is_flag=True, help="Print report.json instead of report.md.")
 @click.option("-q", "--quiet", is_flag=True)
-def run(recipe_file: str, output: str, save_recipe: str | None, overwrite: bool, as_json: bool, quiet: bool) -> None:
+def run(recipe_file: str, output: str, save_recipe: str | None, overwrite: bool, trust_code: bool, as_json: bool,
+        quiet: bool) -> None:
     """Compress -> recover -> export -> validate as RECIPE (TOML) says; exit 1 if a gate fails."""
     from ..recipe import load_recipe
     from ..recipe_write import write_recipe
-    from ..runner import markdown, run_recipe
+    from ..runner import markdown, recipe_inputs, run_recipe
 
     recipe = load_recipe(recipe_file)
-    if save_recipe:
-        from ..recipe_write import check_recipe_target
-        check_recipe_target(save_recipe)
+    check_paths(inputs=[recipe_file, *recipe_inputs(recipe)], sources=[recipe.source_path()],
+                folders={"-o": output}, files={"--save-recipe": save_recipe}, overwrite=overwrite)
 
     def say(stage: str, msg: str) -> None:
         if not quiet and not as_json:
             click.echo(f"[{stage}] {msg}", err=True)
 
-    report = run_recipe(recipe, output, overwrite=overwrite, progress=say)
+    report = run_recipe(recipe, output, overwrite=overwrite, trust_code=trust_code, progress=say)
     if save_recipe:
         write_recipe(recipe, save_recipe)
     if as_json:
@@ -61,16 +62,15 @@ def run(recipe_file: str, output: str, save_recipe: str | None, overwrite: bool,
 @click.option("--runs", type=int, default=30, show_default=True, help="Timed runs per point (batch 1).")
 @click.option("--plot", type=str, default=None, help="Write the Pareto plot (size vs drift, latency as colour).")
 @click.option("--json", "json_file", type=str, default=None, help="Also write the points as JSON to this file.")
-@click.option("--keep", type=str, default=None, help="Keep the exported .onnx of every point in this folder.")
+@click.option("--keep", type=str, default=None, help="Keep the exported .onnx of every point in this new folder.")
+@click.option("--overwrite", is_flag=True, help="Replace existing --plot / --json files and a non-empty --keep folder.")
 @click.option("-q", "--quiet", is_flag=True)
-def sweep(source: str, weights: str | None, trust_pickle: bool, calib: str | None, max_length: int,
+def sweep(source: str, weights: str | None, trust_pickle: bool, trust_code: bool, calib: str | None, max_length: int,
           calib_samples: int | None, batch_size: int, targets: tuple, exclude: tuple, ratios: str, methods: str,
           quantize: str, data_path: str, samples: int | None, threads: int, runs: int, plot: str | None,
-          json_file: str | None, keep: str | None, quiet: bool) -> None:
+          json_file: str | None, keep: str | None, overwrite: bool, quiet: bool) -> None:
     """Compress SOURCE at each ratio x method, export to ONNX (x quantization), validate on
     ONNX Runtime; print params, bytes, latency, drift and the Pareto-optimal points."""
-    from pathlib import Path
-
     from ..sweep import check_sweep, run_sweep, sweep_table
 
     ratio_list, method_list, quant_list = check_sweep(ratios, methods, quantize)
@@ -82,13 +82,14 @@ def sweep(source: str, weights: str | None, trust_pickle: bool, calib: str | Non
         raise ConfigError(f"--methods {methods} needs calibration data; pass --calib FILE (or --methods svd)")
     if plot is not None:
         need_matplotlib("--plot")
-        if Path(plot).is_dir():
-            raise ConfigError(f"--plot {plot!r} is a folder; give a .png file path")
-    if json_file is not None and Path(json_file).is_dir():
-        raise ConfigError(f"--json {json_file!r} is a folder; give a file path")
+    check_paths(inputs=[weights, calib, data_path], sources=[source], folders={"--keep": keep},
+                files={"--json": json_file}, plots={"--plot": plot}, overwrite=overwrite)
+    if keep is not None:
+        from ..paths import check_output
+        check_output(keep, overwrite, flag="--keep")
     from ..data import open_data
     from ..sources import resolve
-    loaded = resolve(source, weights=weights, trust_pickle=trust_pickle)
+    loaded = resolve(source, weights=weights, trust_pickle=trust_pickle, trust_code=trust_code)
     cal = open_data(calib, loaded.tokenizer, max_length, calib_samples) if calib else None
     held = open_data(data_path, loaded.tokenizer, max_length, samples)
 
@@ -99,11 +100,13 @@ def sweep(source: str, weights: str | None, trust_pickle: bool, calib: str | Non
     points = run_sweep(loaded, cal, held, ratio_list, method_list, quant_list, targets=targets, exclude=exclude,
                        batch_size=batch_size, max_length=max_length, threads=threads, runs=runs, keep=keep,
                        progress=say)
+    from ..paths import atomic_file, write_text
     if json_file is not None:
-        Path(json_file).write_text(json.dumps(points, indent=2) + "\n")
+        write_text(json_file, json.dumps(points, indent=2) + "\n")
     if plot is not None:
         from ..sweep import pareto_plot
-        pareto_plot(points, plot, title=source)
+        with atomic_file(plot) as tmp:
+            pareto_plot(points, tmp, title=source)
     if not quiet:
         click.echo(sweep_table(points))
         if plot:
