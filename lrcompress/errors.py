@@ -39,9 +39,9 @@ class Interrupted(BaseException):
     """SIGINT or SIGTERM reached the command line: clean-up runs as for any error, then the
     process exits with 128 + the signal number (130, 143)."""
 
-    def __init__(self, signum: int) -> None:
+    def __init__(self, signum: int, note: str = "") -> None:
         super().__init__(signum)
-        self.signum = signum
+        self.signum, self.note = signum, note
 
 
 class DataWarning(UserWarning):

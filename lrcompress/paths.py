@@ -30,8 +30,9 @@ def _inside(child: Path, parent: Path) -> bool:
 
 def check_not_input(flag: str, out: str | os.PathLike[str], inputs: Iterable[str | os.PathLike[str] | None], *,
                     folder: bool) -> None:
-    """Refuse an output path that is one of ``inputs`` or (a folder output) holds one of them,
-    or that is the current folder or one above it: replacing it would destroy the input."""
+    """Refuse an output path that is one of ``inputs``, lies inside an input folder, or (a folder
+    output) holds an input or is the current folder or one above it: writing there would change
+    or destroy the input."""
     o = _real(out)
     cwd = _real(os.getcwd())
     if folder and _inside(cwd, o):
@@ -48,6 +49,9 @@ def check_not_input(flag: str, out: str | os.PathLike[str], inputs: Iterable[str
         if folder and _inside(r, o):
             raise ConfigError(f"{flag} {str(out)!r} holds the input {str(i)!r}; replacing that folder would delete "
                               f"it: choose another {flag} folder")
+        if r.is_dir() and _inside(o, r):
+            raise ConfigError(f"{flag} {str(out)!r} is inside the input folder {str(i)!r}; writing there would change "
+                              f"that input: choose a {flag} path outside it")
 
 
 def check_distinct(outputs: dict[str, str | os.PathLike[str] | None]) -> None:

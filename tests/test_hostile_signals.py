@@ -114,3 +114,31 @@ def test_killed_swap_puts_the_previous_output_back(tmp_path: Path) -> None:
     (parked / "x" / "model.safetensors").write_text("previous")
     clean_stale(out)
     assert (out / "model.safetensors").read_text() == "previous" and not parked.exists()
+
+
+def test_sigint_during_recovery_keeps_the_resumable_state(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Interrupted recovery: exit 130, one line that says how to resume, the state file kept."""
+    from tests.conftest import cli_run
+    rng = np.random.default_rng(0)
+    ids = np.minimum(rng.zipf(1.3, size=(64, 10)), 199).astype(np.int64)
+    data = tmp_path / "tokens.npz"
+    np.savez(data, input_ids=ids, attention_mask=np.ones_like(ids))
+    ck = tmp_path / "ck"
+    assert cli_run(["compress", "tests.models:tiny_token_model", "--calib", data, "--ratio", "0.4", "-o", ck, "-q"],
+                   capsys)[0] == 0
+    out, state = tmp_path / "out", tmp_path / "out.recover-state.pt"
+    proc = subprocess.Popen([sys.executable, "-m", "lrcompress", "recover", str(ck), "--reference",
+                             "tests.models:tiny_token_model", "--data", str(data), "--steps", "1000000",
+                             "--eval-every", "5", "--patience", "0", "-o", str(out), "-q", "--trust-code"],
+                            cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    end = time.monotonic() + 120
+    while not state.exists() and time.monotonic() < end and proc.poll() is None:
+        time.sleep(0.05)
+    assert state.exists(), proc.communicate(timeout=5) if proc.poll() is not None else "no state file"
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    lines = stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("lrcompress: interrupted (SIGINT)") and "--resume" in lines[0], stderr
+    assert state.is_file() and not out.exists() and _siblings(out) == []

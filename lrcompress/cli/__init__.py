@@ -29,7 +29,8 @@ def main(argv: list[str] | None = None) -> None:
             code = _dispatch(argv)
     except Interrupted as e:
         shutdown(sync=False)
-        click.echo(f"lrcompress: {_SIGNALS.get(e.signum, 'stopped')}; unfinished outputs were removed", err=True)
+        note = f"; {e.note}" if e.note else ""
+        click.echo(f"lrcompress: {_SIGNALS.get(e.signum, 'stopped')}; unfinished outputs were removed{note}", err=True)
         sys.exit(128 + e.signum)
     except BaseException:
         shutdown(sync=False)

@@ -108,10 +108,13 @@ def run_recovery(student: Any, teacher: Any, rc: Any, data: Any, eval_path: str 
     try:
         return recover(student, teacher, data, rc, eval_data=eval_data, calibration=calibration, device=device,
                        state_path=state, resume=resume, progress=progress)
-    except (KeyboardInterrupt, Interrupted):
+    except (KeyboardInterrupt, Interrupted) as e:
         if rank == 0 and state.is_file():
-            click.echo(f"recovery interrupted; its last evaluated state is in {state}: re-run the same command "
-                       "with --resume to continue", err=True)
+            note = f"the last evaluated recovery state is in {state}: re-run the same command with --resume"
+            if isinstance(e, Interrupted):
+                e.note = note  # said on the CLI's one interrupt line
+            else:
+                click.echo(f"recovery interrupted; {note}", err=True)
         raise
     finally:
         bar.close()
