@@ -1,4 +1,5 @@
-"""torchrun support: rank/world size (initialising the process group) and small all-reduces."""
+"""torchrun support: rank/world size, initialising the process group (explicitly, never as a
+side effect of a query), small all-reduces and the tear-down at exit."""
 
 from __future__ import annotations
 
@@ -10,7 +11,16 @@ if TYPE_CHECKING:
 
 
 def dist_info() -> tuple[int, int]:
-    """(rank, world size); initialises the process group under torchrun."""
+    """(rank, world size) of the live process group, else as torchrun's environment says; a pure
+    query (see ``init_distributed``)."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init_distributed() -> tuple[int, int]:
+    """Under torchrun (WORLD_SIZE > 1), initialise the process group once; returns (rank, world size)."""
     import torch
     import torch.distributed as dist
     world = int(os.environ.get("WORLD_SIZE", "1"))

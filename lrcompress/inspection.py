@@ -11,7 +11,6 @@ from torch import nn
 
 from .calibrate import Calibration
 from .config import CompressConfig, SVDConfig, WhitenedSVDConfig
-from .errors import ConfigError
 from .planning import make_plan
 
 
@@ -60,13 +59,9 @@ class InspectReport:
 
     def plot(self, path: str | Path) -> Path:
         """Normalized spectra (energy share per rank, log scale), one line per layer."""
-        try:
-            import matplotlib
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
-            raise ConfigError("--plot needs matplotlib; install it with pip install 'lrcompress[plot]'") from None
-        fig, ax = plt.subplots(figsize=(8, 5))
+        from .scoped import figure
+        fig = figure(figsize=(8, 5))
+        ax = fig.subplots()
         for name, s in self.spectra.items():
             ax.semilogy(range(1, len(s) + 1), s, lw=0.8, label=name if len(self.spectra) <= 12 else None)
         ax.set_xlabel("rank")
@@ -77,7 +72,6 @@ class InspectReport:
         fig.tight_layout()
         p = Path(path)
         fig.savefig(p, dpi=120)
-        plt.close(fig)
         return p
 
 

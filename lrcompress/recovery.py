@@ -20,7 +20,7 @@ from .calibrate import Calibration, calibrate
 from .config import RecoveryConfig
 from .data import Batch, TextData
 from .distill import example_cosine, loss_terms, main_output, ortho_penalty, per_example_loss
-from .distributed import all_min, all_sum, dist_info
+from .distributed import all_min, all_sum, dist_info, init_distributed
 from .errors import CheckpointError, ConfigError, TrainingError
 from .lora import MATRIX_LAYERS, LoRA, attach, balance, detach_all, factors, residual_chunk, set_factors, zero_chunk
 from .methods.lowrank import Metric
@@ -179,7 +179,7 @@ def _recover(student: nn.Module, teacher: nn.Module, data: Data, config: Recover
             device: str | torch.device = "cpu", state_path: str | Path | None = None, resume: bool = False,
             progress: Callable[[int, dict[str, Any]], None] | None = None) -> RecoveryReport:
     device = torch.device(device)
-    rank, world = dist_info()
+    rank, world = init_distributed()
     if world > 1 and config.rank_schedule:
         raise ConfigError("--rank-schedule is not supported under torchrun (DistributedDataParallel cannot add "
                           "parameters mid-run); drop it or run in one process")

@@ -48,10 +48,9 @@ class RecoveryReport:
         return "\n".join(rows)
 
     def plot(self, path: str | Path) -> None:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        fig, ax = plt.subplots(1, 2, figsize=(9, 3.5))
+        from .scoped import figure
+        fig = figure(figsize=(9, 3.5))
+        ax = fig.subplots(1, 2)
         tr = [c for c in self.curve if "train_loss" in c]
         ev = [c for c in self.curve if "cos_mean" in c]
         ax[0].plot([c["step"] for c in tr], [c["train_loss"] for c in tr], label="train")
@@ -67,4 +66,3 @@ class RecoveryReport:
         ax[1].legend()
         fig.tight_layout()
         fig.savefig(path, dpi=110)
-        plt.close(fig)

@@ -137,11 +137,10 @@ def sweep_table(points: list[dict[str, Any]]) -> str:
 
 def pareto_plot(points: list[dict[str, Any]], path: str, title: str = "") -> None:
     """Size vs drift, latency as colour; int8-only and the original as reference markers."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from .scoped import figure
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig = figure(figsize=(7, 4.5))
+    ax = fig.subplots()
     floor = 1e-5
     xs = [p["bytes"] / 1e6 for p in points]
     ys = [max(p["drift"], floor) for p in points]
@@ -166,4 +165,3 @@ def pareto_plot(points: list[dict[str, Any]], path: str, title: str = "") -> Non
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)

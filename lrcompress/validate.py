@@ -18,6 +18,7 @@ from .data import TensorData, TextData
 from .drift import check_reference, compare, summarize
 from .edge import size_of
 from .errors import ConfigError, DataError
+from .scoped import torch_threads
 
 RUNTIMES = ("torch", "onnxruntime", "coreml")
 GATES = {  # name -> (report key, direction, allowed range of the limit)
@@ -45,13 +46,8 @@ class TorchRunner:
     def __call__(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         from exporters.io_spec import flatten_outputs
         feed = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in inputs.items()}
-        before = torch.get_num_threads()
-        torch.set_num_threads(self.threads or before)
-        try:  # the thread count is process-wide: put it back for the caller
-            with torch.no_grad():
-                out = self.model(feed["input"]) if list(feed) == ["input"] else self.model(**feed)
-        finally:
-            torch.set_num_threads(before)
+        with torch_threads(self.threads), torch.no_grad():  # process-wide count, restored after
+            out = self.model(feed["input"]) if list(feed) == ["input"] else self.model(**feed)
         res = {k: v.detach().float().numpy() for k, v in flatten_outputs(out)}
         self.output_names = list(res)
         return res

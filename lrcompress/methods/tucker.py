@@ -33,6 +33,7 @@ from torch import nn
 
 from ..conv_layers import TuckerConv2d, conv_hyper, conv_unsupported
 from ..errors import ConfigError, WeightError
+from ..scoped import torch_threads
 from .whiten import gram_root
 
 
@@ -47,15 +48,8 @@ def few_threads(work: int) -> Iterator[None]:
     CPU every region waits for a descheduled worker (measured here: CP of a 64->128 3x3 conv,
     300 sweeps, 0.9 s on one thread vs 84 s on two under load). Large problems keep all threads.
     """
-    before = torch.get_num_threads()
-    if work >= SMALL_WORK or before == 1:
+    with torch_threads(None if work >= SMALL_WORK else 1):
         yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def supported(conv: nn.Module) -> str | None:
