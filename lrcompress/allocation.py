@@ -14,7 +14,7 @@ from .methods import Spectrum
 from .targets import layer_matrix, module_weight
 
 if TYPE_CHECKING:
-    from .planning import LayerPlan, Plan
+    from .plan_types import LayerPlan, Plan
 
 
 def sensitivities(model: nn.Module, plan: Plan, layers: list[LayerPlan], ranks: dict[str, int],

@@ -13,7 +13,7 @@ from torch import nn
 from .layers import LowRankConv1x1, LowRankEmbedding, LowRankLinear
 from .config import TENSOR_METHODS
 from .methods import factorize
-from .planning import LayerPlan, Plan
+from .plan_types import LayerPlan, Plan
 from .targets import layer_matrix
 
 

@@ -204,7 +204,7 @@ def load(folder: str | Path, *, trust_pickle: bool = False, trust_code: bool = F
     every manifest entry is checked against the weights file before anything is allocated.
     Returns ``(model, tokenizer)``, or ``(model, tokenizer, manifest)`` with ``with_manifest``.
     """
-    from .sources import build_architecture, check_safetensors
+    from .architecture import build_architecture, check_safetensors
 
     p = Path(folder)
     manifest = read_manifest(p)
@@ -242,7 +242,7 @@ def load(folder: str | Path, *, trust_pickle: bool = False, trust_code: bool = F
     if spec.get("kind") == "hf" and (p / "tokenizer_config.json").is_file():
         from transformers import AutoTokenizer
 
-        from .sources import quiet_hf
+        from .architecture import quiet_hf
         with quiet_hf():
             tokenizer = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
     return (model, tokenizer, manifest) if with_manifest else (model, tokenizer)

@@ -145,10 +145,10 @@ def test_python_load_needs_trust_code(world: World) -> None:
 def test_hf_class_must_be_a_transformers_model(world: World) -> None:
     """A manifest may only name transformers' own model classes (never an arbitrary attribute)."""
     from lrcompress.errors import SourceError
-    from lrcompress.sources import _hf_class
+    from lrcompress.sources import hf_model_class
     for name in ("pipeline", "AutoTokenizer", "os", 3):
         with pytest.raises(SourceError, match="not a transformers model class"):
-            _hf_class(None, name)  # type: ignore[arg-type]
+            hf_model_class(None, name)  # type: ignore[arg-type]
 
 
 def test_hf_folder_with_remote_code_is_refused(world: World, capsys: pytest.CaptureFixture) -> None:

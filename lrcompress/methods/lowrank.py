@@ -17,6 +17,27 @@ import torch
 ROUNDING_FLOOR = 1e-6
 
 
+def gram_root(gram: torch.Tensor, rtol: float = 1e-12) -> torch.Tensor:
+    """A square root L with L L^T = G.
+
+    Cholesky when G is positive definite; otherwise (singular: dead channels, fewer tokens
+    than features) an eigh root that drops the null space (n x k, k = numerical rank).
+    Nothing is ever inverted.
+    """
+    g = 0.5 * (gram + gram.T).to(torch.float64)
+    l, info = torch.linalg.cholesky_ex(g)
+    if int(info) == 0 and bool(torch.isfinite(l).all()):
+        d = torch.diagonal(l)
+        if float(d.min()) > float(d.max()) * 1e-7:  # well enough conditioned to trust
+            return l
+    evals, evecs = torch.linalg.eigh(g)
+    top = float(evals.max()) if evals.numel() else 0.0
+    keep = evals > max(top, 0.0) * rtol
+    if not bool(keep.any()):
+        return torch.zeros(g.shape[0], 1, dtype=torch.float64, device=g.device)
+    return evecs[:, keep] * evals[keep].sqrt()[None, :]
+
+
 class Metric:
     """Input metric of a layer: a full Gram G (n x n), its diagonal (n,) for one-hot inputs
     such as token ids, or neither for the identity (plain weight-space error)."""
@@ -33,7 +54,6 @@ class Metric:
     def root(self) -> torch.Tensor:
         """A square root L with L L^T = G (Cholesky; eigh fallback for singular G), cached."""
         if self._root is None:
-            from .whiten import gram_root
             self._root = gram_root(self.gram)
         return self._root
 
