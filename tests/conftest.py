@@ -14,6 +14,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "samples"
+MLP = "tests.models:tiny_mlp"
+TOK = "tests.models:tiny_token_model"
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
@@ -54,11 +56,146 @@ def calib_txt() -> Path:
 
 
 # --------------------------------------------------------------------------------------------
+# bad-input helpers: run the CLI in-process and check the one-line error and what is on disk
+
+LEFTOVER_MARKERS = (".tmp-", ".old-")
+
+
+def snapshot(folder: Path) -> set[str]:
+    """Every path under ``folder`` (relative), so a failed run can be shown to leave nothing."""
+    return {str(p.relative_to(folder)) for p in folder.rglob("*")}
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(str(p) for p in folder.rglob("*") if any(m in p.name for m in LEFTOVER_MARKERS))
+
+
+LOADING = ("compress", "inspect", "sweep", "export", "validate", "recover", "run")
+
+
+def trusted(argv: list) -> list[str]:
+    """``argv`` with --trust-code: these tests load folders and recipes built from the test
+    factories, which is code they name on purpose (tests/test_hostile_*.py check the refusal)."""
+    argv = [str(a) for a in argv]
+    return argv + ["--trust-code"] if argv and argv[0] in LOADING and "--trust-code" not in argv else argv
+
+
+def run_main(argv: list[str], capsys: pytest.CaptureFixture, trust: bool = True) -> tuple[int, str, str]:
+    """Call the CLI entry point in-process (with --trust-code unless ``trust`` is False);
+    returns (exit code, stdout, stderr)."""
+    from lrcompress.cli import main
+    capsys.readouterr()  # drop anything printed while building the inputs
+    with pytest.raises(SystemExit) as exc:
+        main(trusted(argv) if trust else [str(a) for a in argv])
+    out, err = capsys.readouterr()
+    code = exc.value.code
+    return (0 if code is None else code), out, err
+
+
+def check_error_text(code: int, err: str, contains: list[str]) -> str:
+    assert code == 2, f"exit code {code}, stderr:\n{err}"
+    assert "Traceback" not in err, err
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].strip(), f"stderr is not exactly one line:\n{err!r}"
+    line = lines[0]
+    assert line.startswith("lrcompress: error:"), line
+    for s in contains:
+        assert s in line, f"{s!r} not in {line!r}"
+    return line
+
+
+def expect_user_error(argv: list, capsys: pytest.CaptureFixture, tmp_path: Path,
+                      contains: list[str], out: Path | None = None) -> str:
+    """Run argv; assert exit 2, one 'lrcompress: error:' line containing every ``contains``
+    string, nothing on stdout, no -o folder, and tmp_path exactly as it was before."""
+    argv = [str(a) for a in argv]
+    if out is None and "-o" in argv:
+        out = Path(argv[argv.index("-o") + 1])
+    before = snapshot(tmp_path)
+    code, stdout, err = run_main(argv, capsys)
+    line = check_error_text(code, err, contains)
+    assert stdout == "", f"unexpected stdout on error: {stdout!r}"
+    if out is not None:
+        assert not out.exists(), f"{out} was created"
+        if out.parent.exists():
+            assert not leftovers(out.parent), leftovers(out.parent)
+    assert snapshot(tmp_path) == before, f"files left behind: {snapshot(tmp_path) - before}"
+    return line
+
+
+def expect_ok(argv: list, capsys: pytest.CaptureFixture, out: Path,
+              files: tuple[str, ...] = ("model.safetensors", "lrcompress.json")) -> str:
+    code, stdout, err = run_main(argv, capsys)
+    assert code == 0, f"exit {code}; stderr:\n{err}"
+    assert "Traceback" not in err
+    assert out.is_dir()
+    for f in files:
+        assert (out / f).is_file(), f"{f} missing in {sorted(p.name for p in out.iterdir())}"
+    assert not leftovers(out.parent), leftovers(out.parent)
+    return stdout
+
+
+class Env:
+    """Input files for one test, made on demand under tmp_path/in (outputs go to tmp_path/out)."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.inp = tmp / "in"
+        self.inp.mkdir()
+        self.out = tmp / "out"
+
+    def path(self, name: str) -> Path:
+        return self.inp / name
+
+    def npy(self, arr: np.ndarray, name: str = "x.npy") -> Path:
+        p = self.path(name)
+        np.save(p, arr)
+        return p
+
+    def mlp_calib(self, n: int = 64, d: int = 32, name: str = "calib.npy") -> Path:
+        g = np.random.default_rng(1)
+        return self.npy(g.standard_normal((n, d)).astype(np.float32), name)
+
+    def tokens(self, name: str = "tokens.npz", high: int = 199, **override: np.ndarray) -> Path:
+        rng = np.random.default_rng(0)
+        arrays = {"input_ids": rng.integers(1, high + 1, size=(16, 12)).astype(np.int64),
+                  "attention_mask": np.ones((16, 12), dtype=np.int64)}
+        arrays.update(override)
+        p = self.path(name)
+        np.savez(p, **arrays)
+        return p
+
+    def text(self, content: str | bytes, name: str = "calib.txt") -> Path:
+        p = self.path(name)
+        if isinstance(content, bytes):
+            p.write_bytes(content)
+        else:
+            p.write_text(content, encoding="utf-8")
+        return p
+
+    def weights(self, state: dict[str, torch.Tensor] | None = None, name: str = "w.safetensors") -> Path:
+        from safetensors.torch import save_file
+
+        from tests.models import tiny_mlp
+        state = {k: v.contiguous() for k, v in (state or tiny_mlp().state_dict()).items()}
+        p = self.path(name)
+        if p.suffix == ".safetensors":
+            save_file(state, str(p))
+        else:
+            torch.save(state, p)
+        return p
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> Env:
+    return Env(tmp_path)
+
+
+
+# --------------------------------------------------------------------------------------------
 # hostile-input harness: every case runs the CLI in-process and then proves that nothing ran
 # that must not, no input changed, nothing was left on disk and the user saw one clean line.
 
-MLP = "tests.models:tiny_mlp"
-TOK = "tests.models:tiny_token_model"
 PAYLOAD = '''import pathlib
 pathlib.Path({marker!r}).write_text("ran at import")
 {extra}

@@ -11,7 +11,7 @@ import torch
 
 import lrcompress
 from tests.conftest import needs_minilm
-from tests.test_bad_input import TOK, expect_user_error, run_main, trusted
+from tests.conftest import TOK, expect_user_error, run_main, trusted
 
 exporters = pytest.importorskip("exporters")
 pytest.importorskip("onnxruntime")
@@ -87,7 +87,6 @@ def test_export_folder_that_is_not_a_model(tmp_path, capsys):
 
 
 @needs_minilm
-@pytest.mark.slow
 def test_export_compressed_minilm_onnx_matches_torch(tmp_path, capsys):
     from lrcompress.data import TextData, read_lines
     loaded = lrcompress.resolve("minilm")
@@ -229,7 +228,6 @@ def test_validate_corrupt_artifacts_and_wrong_data(edge, tok_inputs, tmp_path, c
 
 
 @needs_minilm
-@pytest.mark.slow
 def test_validate_minilm_onnx_and_ort_on_held_out_text(tmp_path, capsys):
     from lrcompress.data import TextData, read_lines
     root = Path(__file__).resolve().parent.parent / "samples"

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from tests.odd_models import numpy_net
-from tests.test_bad_input import MLP, Env, check_error_text, leftovers, run_main, snapshot
+from tests.conftest import MLP, Env, check_error_text, leftovers, run_main, snapshot
 
 exporters = pytest.importorskip("exporters")
 pytest.importorskip("onnxruntime")

@@ -22,7 +22,7 @@ from lrcompress.methods.lowrank import Metric, factorize, spectrum
 from lrcompress.recovery import per_example_loss, recover
 from tests.conftest import ROOT, needs_minilm
 from tests.models import tiny_token_model
-from tests.test_bad_input import run_main
+from tests.conftest import run_main
 
 TINY = "tests.models:tiny_token_model"
 
@@ -334,7 +334,6 @@ def test_shutdown_destroys_the_process_group_and_is_a_no_op_without_one(tmp_path
 
 
 @needs_minilm
-@pytest.mark.slow
 def test_minilm_recovery_improves_held_out_cosine(tmp_path, capsys):
     from lrcompress.data import TextData, read_lines
     loaded = lrcompress.resolve("minilm")

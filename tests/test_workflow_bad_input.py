@@ -8,7 +8,7 @@ from typing import Callable
 
 import pytest
 
-from tests.test_bad_input import MLP, Env, expect_user_error
+from tests.conftest import MLP, Env, expect_user_error
 
 GOOD = f"""source = "{MLP}"
 [data]
@@ -129,7 +129,7 @@ def test_workflow_user_error(case: str, tmp_path: Path, capsys: pytest.CaptureFi
 
 def test_good_recipe_runs(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """Positive control for the recipe cases: the unmodified recipe runs and writes everything."""
-    from tests.test_bad_input import run_main
+    from tests.conftest import run_main
     e = Env(tmp_path)
     code, _, err = run_main(run(e), capsys)
     assert code == 0, err
