@@ -148,23 +148,30 @@ def tt_layer_modes(mod: nn.Module, config: TTConfig, *, fallback: bool = True
                                                  f"{config.modes} balanced modes")
             return out_m, tuple(sorted(in_m, reverse=True)), note
 
-    def why(n: int) -> str:
-        if any(balanced_split(n, d) is not None for d in counts):
-            return ""
-        if n < 2:
-            return f"{n} is too small"
-        factors, k, rest = [], 2, n
-        while k * k <= rest:
-            while rest % k == 0:
-                factors.append(k)
-                rest //= k
-            k += 1
-        factors += [rest] if rest > 1 else []
-        return f"{n} is prime" if factors == [n] else f"{n} = {' x '.join(map(str, factors or [n]))}"
-    whys = [w for w in dict.fromkeys((why(out_f), why(in_f))) if w]
+    whys = [_factors_text(n) for n in dict.fromkeys((out_f, in_f))
+            if all(balanced_split(n, d) is None for d in counts)]
     span = f"2 to {config.modes}" if len(counts) > 1 else f"{config.modes}"
     return (f"{out_f}x{in_f} (out x in) has no tensor-train split into {span} balanced integer modes per side "
             f"({', '.join(whys) or 'no common number of modes'})")
+
+
+def _factors_text(n: int) -> str:
+    """Why ``n`` splits into no modes: '13 is prime', '22 = 2 x 11', '1 is too small'."""
+    if n < 2:
+        return f"{n} is too small"
+    factors, k, rest = [], 2, n
+    while k * k <= rest:
+        while rest % k == 0:
+            factors.append(k)
+            rest //= k
+        k += 1
+    factors += [rest] if rest > 1 else []
+    return f"{n} is prime" if factors == [n] else f"{n} = {' x '.join(map(str, factors))}"
+
+
+def _add_reason(lp: Any, text: str) -> None:
+    """Append ``text`` to a layer plan's reason ('; '-separated)."""
+    lp.reason = "; ".join(x for x in (lp.reason, text) if x)
 
 
 def explicit_refusal(mod: nn.Module, method: str, config: CompressConfig) -> str | None:
@@ -178,7 +185,8 @@ def explicit_refusal(mod: nn.Module, method: str, config: CompressConfig) -> str
     if not isinstance(strict, str):
         return None
     fewer = tt_layer_modes(mod, tt_config)
-    assert not isinstance(fewer, str)  # unsupported() found the fallback
+    if isinstance(fewer, str):  # no split with fewer modes either (unsupported() would have said so)
+        return strict
     return (f"{strict}; --tt-shape {_shape_text((fewer[0], fewer[1]))} ({len(fewer[0])} modes) would fit it")
 
 
@@ -266,23 +274,20 @@ def plan_layer(lp: Any, mod: nn.Module, method: str, config: CompressConfig, fra
     elif method == "cp":
         from .methods.cp import cp_params
         out_c, in_c, kh, kw = mod.weight.shape
-        if config.energy is not None:
-            raise ConfigError("--energy has no meaning for CP (no nested spectrum); use --rank or --ratio")
         rank = config.rank if config.rank is not None else max(1, math.floor(frac * dense / (in_c + out_c + kh + kw)))
         after = cp_params(out_c, in_c, kh, kw, rank, bias=False)
         lp.ranks = [rank]
     else:
         from .methods.tt import tt_full_ranks, tt_max_rank_for_params, tt_params
-        if config.energy is not None:
-            raise ConfigError("--energy is not supported for --method tt; use --rank (largest TT bond) or --ratio")
         modes = tt_layer_modes(mod, sub_config(config, "tt"))
-        assert not isinstance(modes, str)  # unsupported() above
+        if isinstance(modes, str):  # (unsupported() above already said so)
+            _add_reason(lp, modes)
+            return
         out_m, in_m, note = modes
-        lp.reason = "; ".join(x for x in (lp.reason, note) if x)
+        _add_reason(lp, note)
         rank = config.rank if config.rank is not None else tt_max_rank_for_params(out_m, in_m, int(frac * dense))
         if rank < 1:
-            lp.reason = "; ".join(x for x in (lp.reason, f"TT rank 1 already needs more than {frac:.0%} of the "
-                                                          "layer: kept dense") if x)
+            _add_reason(lp, f"TT rank 1 already needs more than {frac:.0%} of the layer: kept dense")
             return
         from .methods.tt import tt_flops
         full = tt_full_ranks(out_m, in_m)
@@ -291,9 +296,8 @@ def plan_layer(lp: Any, mod: nn.Module, method: str, config: CompressConfig, fra
         lp.ranks = [list(out_m), list(in_m), list(ranks)]
         flops = tt_flops(out_m, in_m, ranks)
         if flops > dense:  # dense MACs per input row = out * in = its parameter count
-            lp.reason = "; ".join(x for x in (lp.reason, f"TT bond {rank} costs {flops / dense:.1f}x the dense "
-                                                          "multiply-adds per input: kept dense (lower --ratio/--rank, "
-                                                          "or use svd-whiten)") if x)
+            _add_reason(lp, f"TT bond {rank} costs {flops / dense:.1f}x the dense multiply-adds per input: kept "
+                            "dense (lower --ratio/--rank, or use svd-whiten)")
             return
     if after >= dense:
         lp.reason = f"{method} at this rank needs {after} >= {dense} params (break-even): kept dense"
