@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ._files import check_target, publish, require_file, staging_dir
-from ._logs import capture_logs
+from ._logs import capture_logs, quiet_logger
 from .base import Exporter, ExportResult, Runner
 from .deps import require
 from .errors import (
@@ -42,13 +42,8 @@ CAPTURES = ("auto", "trace", "export")
 
 def import_coremltools() -> Any:
     """Import coremltools with its Linux-only 'Failed to load ...' start-up warnings silenced."""
-    log = logging.getLogger("coremltools")
-    old = log.level
-    log.setLevel(logging.ERROR)
-    try:
+    with quiet_logger("coremltools"):
         return require("coremltools", EXTRA)
-    finally:
-        log.setLevel(old)
 
 
 @contextlib.contextmanager

@@ -9,7 +9,6 @@ import os
 import re
 import secrets
 import shutil
-import stat
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -92,19 +91,6 @@ def check_output_file(flag: str, path: str | os.PathLike[str], *, overwrite: boo
     return p
 
 
-def check_regular_file(path: str | os.PathLike[str], what: str, hint: str) -> Path:
-    """A path that must be an existing regular file (not a folder, device or FIFO)."""
-    p = Path(path)
-    if not os.path.exists(p):
-        raise ConfigError(f"{what} {str(path)!r} does not exist; {hint}")
-    mode = os.stat(p).st_mode
-    if stat.S_ISDIR(mode):
-        raise ConfigError(f"{what} {str(path)!r} is a folder; {hint}")
-    if not stat.S_ISREG(mode):
-        raise ConfigError(f"{what} {str(path)!r} is not a regular file (a device, FIFO or socket); {hint}")
-    return p
-
-
 def _pid_alive(pid: int) -> bool:
     if pid <= 0:
         return False
@@ -140,8 +126,9 @@ def clean_stale(out: Path) -> None:
             sib.unlink(missing_ok=True)
 
 
-def _sibling(out: Path, kind: str) -> Path:
-    return out.parent / f".{out.name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}"
+def _sibling(out: Path, kind: str, suffix: str = "") -> Path:
+    """``.NAME.KIND-PID-XXXXXXXX[SUFFIX]`` beside ``out`` (the pattern clean_stale recognises)."""
+    return out.parent / f".{out.name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}{suffix}"
 
 
 def check_output(out: str | Path, overwrite: bool = False, flag: str = "-o") -> Path:
@@ -218,7 +205,7 @@ def atomic_file(path: str | os.PathLike[str]) -> Iterator[Path]:
     removed on any failure or interrupt."""
     p = Path(path)
     clean_stale(p)
-    tmp = p.parent / f".{p.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}{p.suffix}"
+    tmp = _sibling(p, "tmp", p.suffix)  # same suffix: savefig picks the format from it
     try:
         yield tmp
         os.replace(tmp, p)

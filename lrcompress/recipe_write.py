@@ -9,8 +9,7 @@ from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
-from .paths import write_text
+from .paths import check_output_file, write_text
 from .recipe import CompressSection, DataSection, Recipe, Rule
 
 
@@ -67,19 +66,9 @@ def dump_recipe(r: Recipe) -> str:
     return "\n".join(out) + "\n"
 
 
-def check_recipe_target(path: str | os.PathLike[str], flag: str = "--save-recipe") -> Path:
-    """Refuse a recipe destination that cannot be written (before any work is done)."""
-    p = Path(path)
-    if p.is_dir():
-        raise ConfigError(f"{flag} {str(path)!r} is a folder; give a file path such as recipe.toml")
-    if not p.parent.is_dir():
-        raise ConfigError(f"{flag} {str(path)!r}: folder {str(p.parent)!r} does not exist; create it first")
-    return p
-
-
 def write_recipe(r: Recipe, path: str | os.PathLike[str]) -> Path:
     """Write ``r`` with its paths made relative to ``path``'s folder; atomic."""
-    p = check_recipe_target(path)
+    p = check_output_file("recipe", path, overwrite=True)
     base = str(p.parent)
     rel = lambda s: _rel(s, base)  # noqa: E731
     src = r.source

@@ -135,15 +135,15 @@ def compress(source: str, output: str | None, weights: str | None, trust_pickle:
                           "--recover-steps")
     if kw.get("plot_file"):
         need_matplotlib("--plot")
-    if not dry_run:
-        if output is None:
-            raise ConfigError("no output folder given; pass -o OUT (or --dry-run to only print the plan)")
-        check_output(output, overwrite)
+    if not dry_run and output is None:
+        raise ConfigError("no output folder given; pass -o OUT (or --dry-run to only print the plan)")
     state = state_file_for(output, kw.get("state_file")) if rc is not None and output else None
     check_paths(inputs=[weights, calib, recover_data, kw.get("eval_data")],
                 sources=[source], folders={"-o": None if dry_run else output},
                 files={"--save-recipe": save_recipe}, plots={"--plot": kw.get("plot_file")},
                 others={"--state": state}, overwrite=overwrite)
+    if not dry_run:
+        check_output(output, overwrite)
     recipe = None
     if save_recipe is not None:
         from ..recipe import DataSection, Recipe, RecoverySection

@@ -170,13 +170,11 @@ def recover(checkpoint: str, reference: str, data_path: str, output: str, steps:
     if kw.get("plot_file"):
         need_matplotlib("--plot")
     read_manifest(checkpoint)
-    check_paths(inputs=[checkpoint, weights, data_path, kw.get("eval_data")], sources=[reference],
-                folders={"-o": output})
-    check_output(output, overwrite)
     state = state_file_for(output, kw.get("state_file"))
     check_paths(inputs=[checkpoint, weights, data_path, kw.get("eval_data")],
                 sources=[reference], folders={"-o": output}, plots={"--plot": kw.get("plot_file")},
                 others={"--state": state}, overwrite=overwrite)
+    check_output(output, overwrite)
     torch.manual_seed(seed)
     student, tokenizer, manifest = load(checkpoint, trust_pickle=trust_pickle, trust_code=trust_code,
                                         with_manifest=True)
