@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from .config import CompressConfig
+from .config import TENSOR_METHODS, CompressConfig
 from .methods import Metric, Spectrum
 
 
@@ -88,7 +88,7 @@ def plan_table(plan: Plan) -> str:
         params = f"{l.params_before}->{l.params_after}"
         if l.rank is None:
             lines.append(f"{l.name[-44:]:44} {shape:>12} {'dense':>10} {'-':>5} {l.break_even:>6} {params:>17}  {l.reason}")
-        elif l.method in ("tucker", "cp", "tt"):  # no single spectrum: error is measured after factorizing
+        elif l.method in TENSOR_METHODS:  # no single spectrum: error is measured after factorizing
             rank = "/".join(map(str, l.ranks)) if l.method == "tucker" else str(l.rank)
             lines.append(f"{l.name[-44:]:44} {shape:>12} {l.method:>10} {rank:>5} {'-':>6} {params:>17} "
                          f"{'-':>8}" + (f"  {l.reason}" if l.reason else ""))

@@ -261,12 +261,16 @@ def row(layer, method, rank, own, tly, ts_own, ts_tl, ts_same=None, note=""):
 
 # ----------------------------------------------------------------------------- benches
 
+def conv_cases(convs):
+    """Per conv size: its shape, ranks and repeats, with the synthetic kernel, input Gram and label."""
+    for (o, i, k), rank_list, reps in convs:
+        yield (o, i, k), rank_list, reps, synth_kernel(o, i, k, seed=o * 1000 + i), synth_gram(i, seed=i), \
+            f"conv {i}->{o} {k}x{k}"
+
+
 def bench_tucker(convs, quick: bool) -> None:
     print(f"Tucker-2 (data metric; {SWEEPS_TUCKER} HOOI sweeps fixed, and library defaults)", flush=True)
-    for (o, i, k), rank_list, reps in convs:
-        w = synth_kernel(o, i, k, seed=o * 1000 + i)
-        gram = synth_gram(i, seed=i)
-        layer = f"conv {i}->{o} {k}x{k}"
+    for (o, i, k), rank_list, reps, w, gram, layer in conv_cases(convs):
         for ranks in rank_list:
             for sweeps in (SWEEPS_TUCKER, None):
                 if quick and sweeps is None:
@@ -283,10 +287,7 @@ def bench_tucker(convs, quick: bool) -> None:
 
 def bench_cp(convs, quick: bool) -> None:
     print(f"CP (data metric; {SWEEPS_CP} ALS sweeps fixed)", flush=True)
-    for (o, i, k), rank_list, reps in convs:
-        w = synth_kernel(o, i, k, seed=o * 1000 + i)
-        gram = synth_gram(i, seed=i)
-        layer = f"conv {i}->{o} {k}x{k}"
+    for (o, i, k), rank_list, reps, w, gram, layer in conv_cases(convs):
         for rank in rank_list:
             t_own, t_tl, t_same, (ap_own, info_own), (ap_tl, info_tl) = compare(
                 lambda w=w, g=gram, r=rank: own_cp(w, g, r, SWEEPS_CP),
