@@ -1,15 +1,15 @@
 """lrcompress: post-training low-rank compression for PyTorch models."""
 
-from .calibrate import Calibration, calibrate
-from .checkpoint import load, save
+from .calibration.calibrate import Calibration, calibrate
+from .io.checkpoint import load, save
 from .config import CompressConfig, RecoveryConfig, SVDConfig, WhitenedSVDConfig, method_config
-from .data import TensorData, TextData, open_data
+from .io.data import TensorData, TextData, open_data
 from .errors import LrcompressError
-from .inspection import inspect
-from .pipeline import compress, compress_, plan
-from .recovery import RecoveryReport, recover
-from .report import CompressionReport
-from .sources import resolve
+from .planning.inspection import inspect
+from .workflow.pipeline import compress, compress_, plan
+from .recovery.train import RecoveryReport, recover
+from .workflow.report import CompressionReport
+from .io.sources import resolve
 
 __version__ = "0.1.0"
 

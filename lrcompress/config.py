@@ -8,7 +8,7 @@ from typing import Any
 
 from .checks import _check_keys, _check_number, check_seed  # noqa: F401  (check_seed re-exported)
 from .errors import ConfigError
-from .recovery_config import FOLDS, LORA_INITS, LOSS_TERMS, TRAIN_MODES, RecoveryConfig  # noqa: F401  (re-exported)
+from .recovery.config import FOLDS, LORA_INITS, LOSS_TERMS, TRAIN_MODES, RecoveryConfig  # noqa: F401  (re-exported)
 
 METHODS = ("svd", "svd-whiten", "tucker", "cp", "tt", "shared-svd", "auto")
 TENSOR_METHODS = ("tucker", "cp", "tt")

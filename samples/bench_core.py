@@ -34,7 +34,7 @@ import torch  # noqa: E402
 
 import lrcompress  # noqa: E402
 from lrcompress.errors import LrcompressError  # noqa: E402
-from lrcompress.pipeline import gather  # noqa: E402
+from lrcompress.workflow.pipeline import gather  # noqa: E402
 
 from minilm_eval import drift, embed  # noqa: E402
 from pydoc_text import reference_split  # noqa: E402

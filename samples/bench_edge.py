@@ -52,7 +52,7 @@ def embed_ort(runner, tok, sentences: list[str], batch: int = 32) -> np.ndarray:
 def main() -> None:
     import exporters
     import lrcompress
-    from lrcompress.data import TextData, read_lines
+    from lrcompress.io.data import TextData, read_lines
     from minilm_eval import embed
 
     ap = argparse.ArgumentParser()
@@ -71,14 +71,14 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     example = {k: v for k, v in tok(["a sample sentence for export"], return_tensors="pt").items()}
     models = {"original": orig}
-    stats = lrcompress.pipeline.gather(orig, lrcompress.CompressConfig(ratio=0.5, scope="model"), calib)
+    stats = lrcompress.workflow.pipeline.gather(orig, lrcompress.CompressConfig(ratio=0.5, scope="model"), calib)
     ratios = [float(r) for r in args.ratios.split(",")]
     for ratio in ratios:
         cfg = lrcompress.CompressConfig(ratio=ratio, scope="model")
         models[f"lowrank {ratio:.2f}"], _ = lrcompress.compress(orig, cfg, stats)
     if args.recover_steps:
         from lrcompress.config import RecoveryConfig
-        from lrcompress.recovery import recover
+        from lrcompress.recovery.train import recover
         train = TextData(read_lines(HERE / "train.txt"), tok, 128)
         for ratio in ratios:
             student = copy.deepcopy(models[f"lowrank {ratio:.2f}"])

@@ -41,8 +41,8 @@ RUNS = {  # name -> RecoveryConfig overrides ("_skew": move factors out of the b
 def main() -> None:
     import lrcompress
     from lrcompress.config import RecoveryConfig
-    from lrcompress.data import TextData, read_lines
-    from lrcompress.recovery import recover
+    from lrcompress.io.data import TextData, read_lines
+    from lrcompress.recovery.train import recover
     from minilm_eval import drift, embed
 
     ap = argparse.ArgumentParser()
@@ -133,7 +133,7 @@ def fmt(row: tuple) -> str:
 
 def skew(model, factor: float) -> None:
     """Move every two-factor layer out of the balanced gauge: A * f, B / f (same product)."""
-    from lrcompress.lora import MATRIX_LAYERS, factor_params
+    from lrcompress.recovery.lora import MATRIX_LAYERS, factor_params
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, MATRIX_LAYERS):

@@ -27,8 +27,8 @@ def main() -> None:
     import lrcompress
     from bench_edge import embed_ort
     from lrcompress.config import RecoveryConfig
-    from lrcompress.data import TextData, read_lines
-    from lrcompress.recovery import recover
+    from lrcompress.io.data import TextData, read_lines
+    from lrcompress.recovery.train import recover
     from minilm_eval import embed
     from pydoc_text import large_training_text
 

@@ -62,7 +62,7 @@ from torch import nn  # noqa: E402
 
 import lrcompress  # noqa: E402
 from lrcompress.errors import LrcompressError  # noqa: E402
-from lrcompress.pipeline import gather  # noqa: E402
+from lrcompress.workflow.pipeline import gather  # noqa: E402
 
 SEED = 0
 EPOCHS = 15
@@ -191,9 +191,9 @@ def conv_geometry(conv: nn.Module, x: torch.Tensor) -> tuple[tuple[int, int], tu
 
 def conv_macs(mod: nn.Module, dense: nn.Conv2d, in_hw: tuple[int, int], out_hw: tuple[int, int]) -> int:
     """MACs of the (possibly factorized) conv ``mod`` replacing ``dense`` (bias adds not counted)."""
-    from lrcompress.conv_layers import CPConv2d, TuckerConv2d
-    from lrcompress.methods.cp import cp_macs
-    from lrcompress.methods.tucker import tucker_macs
+    from lrcompress.methods.conv_layers import CPConv2d, TuckerConv2d
+    from lrcompress.decompose.cp import cp_macs
+    from lrcompress.decompose.tucker import tucker_macs
 
     o, i, kh, kw = (int(s) for s in dense.weight.shape)
     if isinstance(mod, TuckerConv2d):
@@ -213,8 +213,8 @@ def conv_macs(mod: nn.Module, dense: nn.Conv2d, in_hw: tuple[int, int], out_hw: 
 
 def linear_macs(mod: nn.Module) -> int:
     """MACs per input row of a dense Linear, LowRankLinear or TTLinear."""
-    from lrcompress.methods.tt import tt_flops
-    from lrcompress.tt_layers import TTLinear
+    from lrcompress.decompose.tt import tt_flops
+    from lrcompress.methods.tt_layers import TTLinear
 
     if isinstance(mod, TTLinear):
         return tt_flops(mod.out_modes, mod.in_modes, mod.ranks)
@@ -377,7 +377,7 @@ def part2(runs: int, held_n: int = MINILM_HELD) -> dict[str, Any]:
     calib_all, held_all = reference_split()
     calib_lines, held = calib_all[:MINILM_CALIB], held_all[:held_n]
     data = lrcompress.TextData(calib_lines, tok, MAX_LENGTH)
-    from lrcompress.targets import select_targets
+    from lrcompress.planning.targets import select_targets
     names = select_targets(model, FF_TARGETS, (), "svd-whiten")
     wrong = [n for n in names if "attention" in n]
     if wrong:

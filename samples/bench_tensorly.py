@@ -91,9 +91,9 @@ import tensorly as tl
 import torch
 from tensorly.decomposition import parafac, partial_tucker, tensor_train_matrix
 
-from lrcompress.methods.cp import cp_break_even, cp_conv
-from lrcompress.methods.tt import tt_matrix, tt_modes, tt_params, tt_to_matrix
-from lrcompress.methods.tucker import SMALL_WORK, few_threads, tucker2
+from lrcompress.decompose.cp import cp_break_even, cp_conv
+from lrcompress.decompose.tt import tt_matrix, tt_modes, tt_params, tt_to_matrix
+from lrcompress.decompose.tucker import SMALL_WORK, few_threads, tucker2
 
 THREADS = 2
 SWEEPS_TUCKER = 10

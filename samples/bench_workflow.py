@@ -27,10 +27,10 @@ def main() -> None:
 
     import lrcompress
     from lrcompress.config import CompressConfig
-    from lrcompress.data import TextData, read_lines
-    from lrcompress.pipeline import compress, gather
-    from lrcompress.sweep import pareto_plot, run_sweep, sweep_table
-    from lrcompress.validate import validate
+    from lrcompress.io.data import TextData, read_lines
+    from lrcompress.workflow.pipeline import compress, gather
+    from lrcompress.workflow.sweep import pareto_plot, run_sweep, sweep_table
+    from lrcompress.edge.validate import validate
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--samples", type=int, default=200, help="held-out sentences (samples/eval.txt)")
@@ -76,7 +76,7 @@ def main() -> None:
         lat = rep.plan.get("latency", {})
         with tempfile.TemporaryDirectory() as tmp:
             import exporters
-            from lrcompress.edge import example_inputs
+            from lrcompress.edge.artifacts import example_inputs
             path = exporters.export_onnx(student.eval(), example_inputs(tok), Path(tmp) / "lat.onnx").path
             if int8:
                 exporters.quantize_int8(path, Path(tmp) / "lat.int8.onnx")

@@ -601,7 +601,7 @@ def test_minilm_error_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture)
 
 @needs_minilm
 def test_hf_folder_with_corrupt_safetensors(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    from lrcompress.sources import minilm_path
+    from lrcompress.io.sources import minilm_path
     folder = tmp_path / "hf"
     folder.mkdir()
     shutil.copyfile(minilm_path() / "config.json", folder / "config.json")

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from lrcompress.conv_layers import (
+from lrcompress.methods.conv_layers import (
     CPConv2d,
     TuckerConv2d,
     build_conv_shell,
@@ -19,10 +19,10 @@ from lrcompress.conv_layers import (
     conv_unsupported,
 )
 from lrcompress.errors import ConfigError
-from lrcompress.methods import cp as cp_mod
-from lrcompress.methods import tucker as tucker_mod
-from lrcompress.methods.cp import cp_break_even, cp_conv, cp_params
-from lrcompress.methods.tucker import (
+from lrcompress.decompose import cp as cp_mod
+from lrcompress.decompose import tucker as tucker_mod
+from lrcompress.decompose.cp import cp_break_even, cp_conv, cp_params
+from lrcompress.decompose.tucker import (
     dense_conv_params,
     tucker2,
     tucker_break_even,

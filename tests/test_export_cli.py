@@ -88,7 +88,7 @@ def test_export_folder_that_is_not_a_model(tmp_path, capsys):
 
 @needs_minilm
 def test_export_compressed_minilm_onnx_matches_torch(tmp_path, capsys):
-    from lrcompress.data import TextData, read_lines
+    from lrcompress.io.data import TextData, read_lines
     loaded = lrcompress.resolve("minilm")
     lines = read_lines(Path(__file__).resolve().parent.parent / "samples" / "calib.txt")[:32]
     cfg = lrcompress.CompressConfig(method=lrcompress.method_config("svd-whiten"), ratio=0.5, scope="model",
@@ -229,7 +229,7 @@ def test_validate_corrupt_artifacts_and_wrong_data(edge, tok_inputs, tmp_path, c
 
 @needs_minilm
 def test_validate_minilm_onnx_and_ort_on_held_out_text(tmp_path, capsys):
-    from lrcompress.data import TextData, read_lines
+    from lrcompress.io.data import TextData, read_lines
     root = Path(__file__).resolve().parent.parent / "samples"
     loaded = lrcompress.resolve("minilm")
     lines = read_lines(root / "calib.txt")[:32]
@@ -271,7 +271,7 @@ def test_export_missing_dependency_names_the_extra(tmp_path, tok_inputs, capsys,
 def test_bert_encoder_coreml_view_matches_and_converts(tmp_path):
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("coremltools")
-    from lrcompress.edge import EncoderForCoreML, coreml_view, export_all
+    from lrcompress.edge.artifacts import EncoderForCoreML, coreml_view, export_all
     cfg = transformers.BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                   intermediate_size=64, max_position_embeddings=64)
     torch.manual_seed(0)

@@ -27,7 +27,7 @@ def test_dist_info_is_a_query(monkeypatch: pytest.MonkeyPatch) -> None:
     """Asking for rank and world size never initialises a process group."""
     import torch.distributed as dist
 
-    from lrcompress.distributed import dist_info
+    from lrcompress.io.distributed import dist_info
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
     assert dist_info() == (1, 2)
@@ -41,7 +41,7 @@ def test_plots_leave_matplotlib_global_state_alone(tmp_path) -> None:
 import sys
 import matplotlib
 backend = matplotlib.rcParams._get_backend_or_none()
-from lrcompress.sweep import pareto_plot
+from lrcompress.workflow.sweep import pareto_plot
 pts = [dict(bytes=2e6, drift=0.1, p50_ms=3.0, method='svd', quantize='none', label='a', pareto=True),
        dict(bytes=4e6, drift=0.0, p50_ms=5.0, method='original', quantize='none', label='o', pareto=True)]
 pareto_plot(pts, {str(tmp_path / 'p.png')!r}, title='t')

@@ -86,7 +86,7 @@ def test_hostile_data(case: str, world: World, capsys: pytest.CaptureFixture) ->
 def test_text_over_the_size_limit(world: World, capsys: pytest.CaptureFixture,
                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """Text data is read up to a cap (named in the error), never without bound."""
-    import lrcompress.data as data
+    import lrcompress.io.data as data
     monkeypatch.setattr(data, "MAX_TEXT_BYTES", 1000)
     big = world.text("a line of text\n" * 200, "big.txt")
     argv = ["compress", "tests.models:tiny_token_model", "--calib", big, "--rank", "4", "-o", world.out]

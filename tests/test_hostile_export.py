@@ -193,7 +193,7 @@ def test_export_nan_weights_exits_2(tmp_path: Path, capsys: pytest.CaptureFixtur
 
 def test_check_finite_weights_names_the_first_parameter_then_buffer() -> None:
     from lrcompress.errors import WeightError
-    from lrcompress.targets import check_finite
+    from lrcompress.planning.targets import check_finite
 
     def check_finite_weights(model: nn.Module) -> None:
         check_finite(model, "exporting")

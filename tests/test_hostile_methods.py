@@ -18,7 +18,7 @@ from torch import nn
 import lrcompress as lc
 from lrcompress.cli import main
 from lrcompress.errors import ConfigError, DataError, WeightError
-from lrcompress.tt_layers import TTLinear
+from lrcompress.methods.tt_layers import TTLinear
 
 HERE = "tests.test_hostile_methods"
 
@@ -262,7 +262,7 @@ def test_auto_and_shared_svd_take_odd_layers_without_aborting():
 
 
 def _nan_calls() -> dict[str, object]:
-    from lrcompress.pipeline import gather
+    from lrcompress.workflow.pipeline import gather
     cfg = lc.CompressConfig(ratio=0.5)
     return {
         "compress": lambda m, d: lc.compress(m, cfg, d),
@@ -346,7 +346,7 @@ def _vdata(n: int = 12) -> lc.TensorData:
 
 
 def test_all_nan_candidate_fails_validation(tmp_path):
-    from lrcompress.validate import FINITE_GATE, validate
+    from lrcompress.edge.validate import FINITE_GATE, validate
     ref = _reference()
     cand = _export(Scaled(ref, float("nan")), tmp_path / "nan.onnx")
     data = _vdata()
@@ -366,7 +366,7 @@ def test_all_nan_candidate_fails_validation(tmp_path):
 
 
 def test_partly_nan_candidate_counts_the_bad_examples(tmp_path):
-    from lrcompress.validate import validate
+    from lrcompress.edge.validate import validate
     ref = _reference()
     cand = _export(SqrtHole(ref), tmp_path / "hole.onnx")
     data = _vdata(16)
@@ -379,7 +379,7 @@ def test_partly_nan_candidate_counts_the_bad_examples(tmp_path):
 
 
 def test_finite_candidate_has_no_finite_check(tmp_path):
-    from lrcompress.validate import validate
+    from lrcompress.edge.validate import validate
     ref = _reference()
     cand = _export(Scaled(ref, 1.0), tmp_path / "same.onnx")
     rep = validate(cand, ref, "ref", _vdata(), runs=2, warmup=1, gates={"max_abs_error": 1e-4})
@@ -387,7 +387,7 @@ def test_finite_candidate_has_no_finite_check(tmp_path):
 
 
 def test_nan_reference_is_a_data_error(tmp_path):
-    from lrcompress.validate import validate
+    from lrcompress.edge.validate import validate
     ref = _reference()
     cand = _export(Scaled(ref, 1.0), tmp_path / "same.onnx")
     with pytest.raises(DataError, match="reference model produces NaN/Inf"):
@@ -396,7 +396,7 @@ def test_nan_reference_is_a_data_error(tmp_path):
 
 @pytest.mark.parametrize("budget", [float("nan"), float("inf"), 0.0, -1.0])
 def test_bad_time_budget_is_refused_before_anything_runs(budget, tmp_path):
-    from lrcompress.validate import check_timing, validate
+    from lrcompress.edge.validate import check_timing, validate
     with pytest.raises(ConfigError, match="--time-budget"):
         check_timing(50, budget)
     # the candidate does not even exist: the time budget is checked first
@@ -405,7 +405,7 @@ def test_bad_time_budget_is_refused_before_anything_runs(budget, tmp_path):
 
 
 def test_check_timing_accepts_good_values_and_refuses_bad_runs():
-    from lrcompress.validate import check_timing
+    from lrcompress.edge.validate import check_timing
     check_timing(1, None)
     check_timing(50, 0.5)
     for runs in (0, -3, True):

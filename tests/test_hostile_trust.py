@@ -145,7 +145,7 @@ def test_python_load_needs_trust_code(world: World) -> None:
 def test_hf_class_must_be_a_transformers_model(world: World) -> None:
     """A manifest may only name transformers' own model classes (never an arbitrary attribute)."""
     from lrcompress.errors import SourceError
-    from lrcompress.sources import hf_model_class
+    from lrcompress.io.sources import hf_model_class
     for name in ("pipeline", "AutoTokenizer", "os", 3):
         with pytest.raises(SourceError, match="not a transformers model class"):
             hf_model_class(None, name)  # type: ignore[arg-type]
@@ -170,7 +170,7 @@ def test_hf_folder_with_remote_code_is_refused(world: World, capsys: pytest.Capt
 def test_factory_import_leaves_sys_path_and_argv(world: World) -> None:
     import sys
 
-    from lrcompress.sources import resolve
+    from lrcompress.io.sources import resolve
     path, argv = list(sys.path), list(sys.argv)
     resolve(f"{world.payload()}:build")
     assert sys.path == path and sys.argv == argv

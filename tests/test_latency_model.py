@@ -12,7 +12,7 @@ import pytest
 pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
-from lrcompress import latency_model as lm
+from lrcompress.planning import latency_model as lm
 from lrcompress.errors import ConfigError
 
 

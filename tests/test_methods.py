@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from lrcompress.config import SVDConfig, WhitenedSVDConfig
-from lrcompress.methods import Metric, factorize, spectrum
-from lrcompress.methods.whiten import gram_root, metric_from_stats
+from lrcompress.decompose import Metric, factorize, spectrum
+from lrcompress.decompose.whiten import gram_root, metric_from_stats
 
 
 def _problem(m: int, n: int, tokens: int, seed: int = 0, dead: int = 0):

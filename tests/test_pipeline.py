@@ -11,10 +11,10 @@ import pytest
 import torch
 
 import lrcompress as lc
-from lrcompress.calibrate import calibrate
-from lrcompress.data import Batch
-from lrcompress.layers import LowRankEmbedding, LowRankLinear
-from lrcompress.planning import break_even_rank, make_plan
+from lrcompress.calibration.calibrate import calibrate
+from lrcompress.io.data import Batch
+from lrcompress.methods.layers import LowRankEmbedding, LowRankLinear
+from lrcompress.planning.make_plan import break_even_rank, make_plan
 from tests.conftest import ROOT, SAMPLES, needs_minilm
 from tests.models import tiny_mlp, tiny_token_model
 
@@ -225,7 +225,7 @@ def test_global_allocation_weights_layers_by_measured_sensitivity():
 
 
 def test_pointwise_convs_use_whitened_svd_and_keep_stride_padding_bias(tmp_path):
-    from lrcompress.layers import LowRankConv1x1
+    from lrcompress.methods.layers import LowRankConv1x1
     loaded = lc.resolve("tests.models:pointwise_net")
     model = loaded.model
     g = torch.Generator().manual_seed(4)

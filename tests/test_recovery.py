@@ -15,11 +15,11 @@ from torch import nn
 
 import lrcompress
 from lrcompress.config import RecoveryConfig
-from lrcompress.data import TensorData, read_tensors
-from lrcompress.layers import LowRankConv1x1, LowRankEmbedding, LowRankLinear
-from lrcompress.lora import LoRA, balance, factors, fold, residual_chunk
-from lrcompress.methods.lowrank import Metric, factorize, spectrum
-from lrcompress.recovery import per_example_loss, recover
+from lrcompress.io.data import TensorData, read_tensors
+from lrcompress.methods.layers import LowRankConv1x1, LowRankEmbedding, LowRankLinear
+from lrcompress.recovery.lora import LoRA, balance, factors, fold, residual_chunk
+from lrcompress.decompose.lowrank import Metric, factorize, spectrum
+from lrcompress.recovery.train import per_example_loss, recover
 from tests.conftest import ROOT, needs_minilm
 from tests.models import tiny_token_model
 from tests.conftest import run_main
@@ -319,7 +319,7 @@ def test_shutdown_destroys_the_process_group_and_is_a_no_op_without_one(tmp_path
     # a gloo group left alive at interpreter exit can abort the process; the CLI tears it down
     import torch.distributed as dist
 
-    from lrcompress.distributed import all_sum, shutdown
+    from lrcompress.io.distributed import all_sum, shutdown
     shutdown()
     assert not dist.is_initialized()
     dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
@@ -335,7 +335,7 @@ def test_shutdown_destroys_the_process_group_and_is_a_no_op_without_one(tmp_path
 
 @needs_minilm
 def test_minilm_recovery_improves_held_out_cosine(tmp_path, capsys):
-    from lrcompress.data import TextData, read_lines
+    from lrcompress.io.data import TextData, read_lines
     loaded = lrcompress.resolve("minilm")
     lines = read_lines(ROOT / "samples" / "train.txt")
     held = read_lines(ROOT / "samples" / "eval.txt")[:64]
@@ -350,7 +350,7 @@ def test_minilm_recovery_improves_held_out_cosine(tmp_path, capsys):
 
 
 def test_ortho_penalty_zero_for_svd_factors_positive_after_rotation():
-    from lrcompress.recovery import ortho_penalty
+    from lrcompress.recovery.train import ortho_penalty
     g = torch.Generator().manual_seed(0)
     w = torch.randn(10, 12, generator=g, dtype=torch.float64)
     lin = _lowrank_linear(w, Metric(), 4)
@@ -377,8 +377,8 @@ def test_recovery_options_train(token_inputs, extra):
 
 
 def test_replace_tokens_keeps_specials_and_padding():
-    from lrcompress.data import Batch
-    from lrcompress.recovery import replace_tokens
+    from lrcompress.io.data import Batch
+    from lrcompress.recovery.train import replace_tokens
 
     class Tok:
         all_special_ids = [0, 101, 102]
@@ -437,7 +437,7 @@ def test_recovery_config_round_trips_through_json():
 def test_sample_texts_keep_the_held_out_sentences_out_of_training() -> None:
     import importlib.util
 
-    from lrcompress.data import read_lines
+    from lrcompress.io.data import read_lines
     spec = importlib.util.spec_from_file_location("pydoc_text", ROOT / "samples" / "pydoc_text.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

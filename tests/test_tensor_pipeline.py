@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import lrcompress as lc
-from lrcompress.conv_layers import CPConv2d, TuckerConv2d
-from lrcompress.tt_layers import TTLinear
+from lrcompress.methods.conv_layers import CPConv2d, TuckerConv2d
+from lrcompress.methods.tt_layers import TTLinear
 from tests.conftest import ROOT
 
 
@@ -60,7 +60,7 @@ def test_conv_methods_keep_hyper_parameters_and_reload_exactly(tmp_path, method)
 
 
 def test_tucker_past_break_even_stays_dense_and_full_rank_module_is_exact():
-    from lrcompress.methods.tucker import tucker_module
+    from lrcompress.decompose.tucker import tucker_module
     model = lc.resolve("tests.models:conv_zoo").model
     rep = lc.compress_(model, lc.CompressConfig(method=lc.method_config("tucker"), rank=16, targets=("a",)),
                        _zoo_data())
@@ -144,7 +144,7 @@ def _stack_data() -> lc.TensorData:
 
 
 def test_shared_basis_is_group_optimal_stored_once_and_reloads(tmp_path):
-    from lrcompress.shared import SharedBasisLinear
+    from lrcompress.methods.shared import SharedBasisLinear
     loaded = lc.resolve("tests.models:stack")
     model = loaded.model
     cfg = lc.CompressConfig(method=lc.method_config("shared-svd", share_group=2), rank=6,

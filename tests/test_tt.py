@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from lrcompress.methods.tt import (tt_flops, tt_full_ranks, tt_matrix, tt_max_rank_for_params, tt_modes,
+from lrcompress.decompose.tt import (tt_flops, tt_full_ranks, tt_matrix, tt_max_rank_for_params, tt_modes,
                                    tt_params, tt_shape, tt_to_matrix)
-from lrcompress.tt_layers import TTLinear, build_tt_shell, tt_shell_info
+from lrcompress.methods.tt_layers import TTLinear, build_tt_shell, tt_shell_info
 
 
 def _linear(out_f: int, in_f: int, seed: int = 0) -> nn.Linear:

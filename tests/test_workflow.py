@@ -14,8 +14,8 @@ import torch
 
 from lrcompress.cli import main
 from lrcompress.errors import ConfigError
-from lrcompress.recipe import load_recipe, parse_recipe
-from lrcompress.recipe_write import dump_recipe
+from lrcompress.workflow.recipe import load_recipe, parse_recipe
+from lrcompress.workflow.recipe_write import dump_recipe
 from tests.conftest import needs_minilm
 from tests.conftest import trusted
 
@@ -62,7 +62,7 @@ def test_rules_and_sections_parse_to_values() -> None:
     assert r.compress.options == {"solver": "randomized"} and r.compress.rules[0].rank == 4
     assert r.compress.rules[1].dense and r.recovery.config.steps == 5 and r.recovery.data == "t.txt"
     assert r.validate.gates == {"max_cosine_drift": 0.1, "max_latency_ratio": 2.0}
-    from lrcompress.recipe import to_config
+    from lrcompress.workflow.recipe import to_config
     cfg = to_config(r.compress)
     assert cfg.ratio == 0.5 and cfg.scope == "model" and cfg.method.solver == "randomized"
     rule_cfg = to_config(r.compress, r.compress.rules[0], ("fc1",))
@@ -167,7 +167,7 @@ def test_minilm_recipe_runs_end_to_end(tmp_path: Path, capsys: pytest.CaptureFix
 
 
 def test_pareto_marks_only_undominated_points() -> None:
-    from lrcompress.sweep import pareto
+    from lrcompress.workflow.sweep import pareto
     pts = [{"bytes": b, "drift": d} for b, d in [(10, 0.0), (5, 0.1), (6, 0.2), (3, 0.3), (3, 0.25), (8, 0.05),
                                                   (1000, 0.5), (1001, 0.1)]]
     pareto(pts)
@@ -226,8 +226,8 @@ class Wide(torch.nn.Module):
 @pytest.mark.parametrize("int8", [False, True])
 def test_latency_budget_plan_meets_prediction(int8: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from lrcompress.config import CompressConfig
-    from lrcompress.data import TensorData
-    from lrcompress.pipeline import plan
+    from lrcompress.io.data import TensorData
+    from lrcompress.workflow.pipeline import plan
     monkeypatch.setenv("LRCOMPRESS_CACHE", str(tmp_path))
     ids = np.random.default_rng(0).integers(1, 1000, size=(32, 64)).astype(np.int64)
     data = TensorData({"input_ids": ids, "attention_mask": np.ones_like(ids)}, "ids")
@@ -283,7 +283,7 @@ def test_inspect_suggests_a_recipe_that_runs(tmp_path: Path, capsys: pytest.Capt
 
 
 def test_readme_recipe_reference_is_generated() -> None:
-    from lrcompress.recipe_doc import BEGIN, END, reference
+    from lrcompress.workflow.recipe_doc import BEGIN, END, reference
     text = (ROOT / "README.md").read_text()
     assert text.split(BEGIN)[1].split(END)[0].strip() == reference().strip()
 

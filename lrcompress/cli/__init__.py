@@ -23,7 +23,7 @@ _SIGNALS = {signal.SIGINT: "interrupted (SIGINT)", signal.SIGTERM: "terminated (
 def main(argv: list[str] | None = None) -> None:
     """Entry point: maps user errors to one line on stderr and exit code 2; under torchrun the
     process group is torn down before exit (every rank in step on success)."""
-    from ..distributed import shutdown
+    from ..io.distributed import shutdown
     try:
         with _signals_raise(), _warnings_as_lines():
             code = _dispatch(argv)

@@ -120,7 +120,7 @@ def source_paths(source: str | None) -> list[Path]:
     if os.path.exists(source):
         return [Path(source)]
     if source == "minilm":
-        from ..sources import minilm_path
+        from ..io.sources import minilm_path
         try:
             return [minilm_path()]
         except LrcompressError:  # not installed: resolve() will say so

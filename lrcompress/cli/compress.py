@@ -87,12 +87,12 @@ def compress(source: str, output: str | None, weights: str | None, trust_pickle:
 
     import torch
 
-    from ..checkpoint import check_output, save
+    from ..io.checkpoint import check_output, save
     from ..config import CompressConfig, method_config
-    from ..data import open_data
-    from ..pipeline import compress_, plan
-    from ..planning import plan_table
-    from ..sources import resolve
+    from ..io.data import open_data
+    from ..workflow.pipeline import compress_, plan
+    from ..planning.make_plan import plan_table
+    from ..io.sources import resolve
 
     method = method or ("svd-whiten" if calib else "svd")
     extra: dict[str, Any] = {}
@@ -146,8 +146,8 @@ def compress(source: str, output: str | None, weights: str | None, trust_pickle:
         check_output(output, overwrite)
     recipe = None
     if save_recipe is not None:
-        from ..recipe import DataSection, Recipe, RecoverySection
-        from ..recipe_write import section_from_config
+        from ..workflow.recipe import DataSection, Recipe, RecoverySection
+        from ..workflow.recipe_write import section_from_config
         recipe = Recipe(source, weights, DataSection(calib=calib, max_length=max_length, calib_samples=calib_samples,
                                                      batch_size=batch_size),
                         section_from_config(config, device),
@@ -194,7 +194,7 @@ def compress(source: str, output: str | None, weights: str | None, trust_pickle:
     if rep is not None:
         finish_recovery(rep, state, kw.get("plot_file"))
     if recipe is not None:
-        from ..recipe_write import write_recipe
+        from ..workflow.recipe_write import write_recipe
         write_recipe(recipe, save_recipe)
     if as_json:
         click.echo(report.to_json())
@@ -221,12 +221,12 @@ def inspect(source: str, weights: str | None, trust_pickle: bool, trust_code: bo
             plot: str | None, suggest_recipe: str | None, overwrite: bool, as_json: bool, quiet: bool) -> None:
     """Per layer: shape, params, break-even rank, ranks for 90/99 % energy, rank at --ratio;
     --suggest-recipe writes those ranks as a recipe."""
-    from ..calibrate import calibrate
+    from ..calibration.calibrate import calibrate
     from ..config import CompressConfig
-    from ..data import open_data
-    from ..inspection import inspect as run_inspect
-    from ..sources import resolve
-    from ..targets import select_targets
+    from ..io.data import open_data
+    from ..planning.inspection import inspect as run_inspect
+    from ..io.sources import resolve
+    from ..planning.targets import select_targets
 
     r = parse_number("--ratio", ratio, float)
     CompressConfig(ratio=r, targets=targets, exclude=exclude)  # validates ratio and patterns' syntax
@@ -250,13 +250,13 @@ def inspect(source: str, weights: str | None, trust_pickle: bool, trust_code: bo
         with atomic_file(plot) as tmp:
             rep.plot(tmp)
     if suggest_recipe is not None:
-        from ..recipe_write import suggest_recipe as suggest
-        from ..recipe_write import write_recipe
-        from ..pipeline import plan
+        from ..workflow.recipe_write import suggest_recipe as suggest
+        from ..workflow.recipe_write import write_recipe
+        from ..workflow.pipeline import plan
         p = plan(loaded.model, CompressConfig(ratio=r, targets=targets, exclude=exclude), data, batch_size=batch_size)
         suggestion = suggest(source, weights, calib, max_length, calib_samples, batch_size, p)
         if suggest_recipe == "-":
-            from ..recipe_write import dump_recipe
+            from ..workflow.recipe_write import dump_recipe
             click.echo(dump_recipe(suggestion), nl=False)
             return
         write_recipe(suggestion, suggest_recipe)

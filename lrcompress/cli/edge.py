@@ -42,9 +42,9 @@ def export(source: str, targets: tuple, output: str | None, fp16: bool, fp32: bo
     """Export SOURCE (a compressed folder or any model source) to edge formats."""
     from pathlib import Path
 
-    from ..checkpoint import check_output
-    from ..edge import TARGETS, example_inputs, export_all, export_table
-    from ..sources import resolve
+    from ..io.checkpoint import check_output
+    from ..edge.artifacts import TARGETS, example_inputs, export_all, export_table
+    from ..io.sources import resolve
 
     if not targets:
         raise ConfigError(f"no --to target given; pass one or more of {', '.join(TARGETS)}, e.g. --to onnx --to ort")
@@ -92,11 +92,11 @@ def validate(candidate: str, reference: str, data_path: str, runtime: str | None
              json_file: str | None, overwrite: bool, quiet: bool) -> None:
     """Compare CANDIDATE with --reference on real data: drift, latency, size; exit 1 if a gate fails."""
 
-    from ..data import open_data
+    from ..io.data import open_data
     from ..paths import write_text
-    from ..sources import resolve
-    from ..validate import check_gates, check_timing
-    from ..validate import validate as run_validate
+    from ..io.sources import resolve
+    from ..edge.validate import check_gates, check_timing
+    from ..edge.validate import validate as run_validate
 
     gates = check_gates({
         "max_cosine_drift": parse_number("--max-cosine-drift", max_cosine_drift, float),

@@ -88,8 +88,8 @@ def state_file_for(output: str, state_file: str | None) -> Any:
 def run_recovery(student: Any, teacher: Any, rc: Any, data: Any, eval_path: str | None, tokenizer: Any,
                   calibration: Any, device: str, state: Any, resume: bool, show: bool) -> Any:
     """Recovery with a progress bar (step, loss, last held-out cosine); rank 0 shows it."""
-    from ..data import open_data
-    from ..recovery import dist_info, recover
+    from ..io.data import open_data
+    from ..recovery.train import dist_info, recover
 
     rank, _ = dist_info()
     if resume and not state.is_file():
@@ -153,7 +153,7 @@ def recover(checkpoint: str, reference: str, data_path: str, output: str, steps:
 
     import torch
 
-    from ..checkpoint import (
+    from ..io.checkpoint import (
         MANIFEST,
         PICKLED,
         WEIGHTS,
@@ -162,8 +162,8 @@ def recover(checkpoint: str, reference: str, data_path: str, output: str, steps:
         read_manifest,
         save,
     )
-    from ..data import open_data
-    from ..sources import resolve
+    from ..io.data import open_data
+    from ..io.sources import resolve
 
     rc = recovery_config(steps, kw, batch_size, max_length, seed)
     device = check_device(device)

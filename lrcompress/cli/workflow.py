@@ -22,9 +22,9 @@ from .common import apply_options, calib_options, check_paths, cli, need_matplot
 def run(recipe_file: str, output: str, save_recipe: str | None, overwrite: bool, trust_code: bool, as_json: bool,
         quiet: bool) -> None:
     """Compress -> recover -> export -> validate as RECIPE (TOML) says; exit 1 if a gate fails."""
-    from ..recipe import load_recipe
-    from ..recipe_write import write_recipe
-    from ..runner import markdown, recipe_inputs, run_recipe
+    from ..workflow.recipe import load_recipe
+    from ..workflow.recipe_write import write_recipe
+    from ..workflow.runner import markdown, recipe_inputs, run_recipe
 
     recipe = load_recipe(recipe_file)
     check_paths(inputs=[recipe_file, *recipe_inputs(recipe)], sources=[recipe.source_path()],
@@ -71,7 +71,7 @@ def sweep(source: str, weights: str | None, trust_pickle: bool, trust_code: bool
           json_file: str | None, keep: str | None, overwrite: bool, quiet: bool) -> None:
     """Compress SOURCE at each ratio x method, export to ONNX (x quantization), validate on
     ONNX Runtime; print params, bytes, latency, drift and the Pareto-optimal points."""
-    from ..sweep import check_sweep, run_sweep, sweep_table
+    from ..workflow.sweep import check_sweep, run_sweep, sweep_table
 
     ratio_list, method_list, quant_list = check_sweep(ratios, methods, quantize)
     if threads < 1:
@@ -87,8 +87,8 @@ def sweep(source: str, weights: str | None, trust_pickle: bool, trust_code: bool
     if keep is not None:
         from ..paths import check_output
         check_output(keep, overwrite, flag="--keep")
-    from ..data import open_data
-    from ..sources import resolve
+    from ..io.data import open_data
+    from ..io.sources import resolve
     loaded = resolve(source, weights=weights, trust_pickle=trust_pickle, trust_code=trust_code)
     cal = open_data(calib, loaded.tokenizer, max_length, calib_samples) if calib else None
     held = open_data(data_path, loaded.tokenizer, max_length, samples)
@@ -104,7 +104,7 @@ def sweep(source: str, weights: str | None, trust_pickle: bool, trust_code: bool
     if json_file is not None:
         write_text(json_file, json.dumps(points, indent=2) + "\n")
     if plot is not None:
-        from ..sweep import pareto_plot
+        from ..workflow.sweep import pareto_plot
         with atomic_file(plot) as tmp:
             pareto_plot(points, tmp, title=source)
     if not quiet:

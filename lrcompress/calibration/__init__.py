@@ -1,0 +1,1 @@
+"""Calibration: per-layer input statistics from data, and measured layer sensitivities."""

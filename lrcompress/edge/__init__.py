@@ -1,0 +1,1 @@
+"""Edge: example inputs, export to ONNX / ORT / Core ML through exporters/, validation on the runtime."""

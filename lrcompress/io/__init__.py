@@ -1,0 +1,1 @@
+"""Loading and saving: SOURCE specs, architectures without weights, compressed checkpoints, input data."""

@@ -1,0 +1,1 @@
+"""Planning: which layers, at which rank, under which budget (parameters, energy, latency)."""

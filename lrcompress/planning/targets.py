@@ -1,0 +1,180 @@
+"""Which layers a run may touch: factorizable modules, --targets/--exclude patterns, tied
+weights, and the (out x in) matrix view of each layer kind."""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError, WeightError
+from ..methods.layers import LowRankConv1x1, LowRankEmbedding, LowRankLinear
+
+
+def module_weight(kind: str, matrix: torch.Tensor) -> torch.Tensor:
+    """Inverse of layer_matrix: the (out x in) map back in the module's weight layout."""
+    if kind == "embedding":
+        return matrix.T
+    if kind == "conv1x1":
+        return matrix[:, :, None, None]
+    return matrix
+
+
+def _matches(pattern: str, name: str) -> bool:
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], name) is not None
+    if any(c in pattern for c in "*?["):
+        return fnmatch.fnmatchcase(name, pattern)
+    return pattern == name
+
+
+def check_pattern(flag: str, pattern: str) -> None:
+    """Refuse a ``re:`` pattern that is not a valid regular expression (``flag`` names its origin)."""
+    if pattern.startswith("re:"):
+        try:
+            re.compile(pattern[3:])
+        except re.error as e:
+            raise ConfigError(f"{flag} {pattern!r} is not a valid regular expression ({e}); fix the pattern") from None
+
+
+def explicit_target(name: str, targets: tuple[str, ...]) -> bool:
+    """Whether ``name`` itself is one of ``targets`` by exact name (not a glob, regex, parent
+    module or the method's default layers): only such a layer may fail a run it cannot take."""
+    return any(p == name and not p.startswith("re:") and not any(c in p for c in "*?[") for p in targets)
+
+
+def _selected(pattern: str, name: str) -> bool:
+    """A pattern selects a layer when it matches the layer or one of its parent modules."""
+    parts = name.split(".")
+    return any(_matches(pattern, ".".join(parts[:i])) for i in range(1, len(parts) + 1))
+
+
+def factorizable(model: nn.Module) -> dict[str, nn.Module]:
+    """Linear, Embedding and Conv2d modules not already inside a factorized module."""
+    FACTORIZED = _factorized_types()
+    found: dict[str, nn.Module] = {}
+    skip: list[str] = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, FACTORIZED):
+            skip.append(name + ".")
+            continue
+        if any(name.startswith(s) for s in skip):
+            continue
+        if isinstance(mod, (nn.Linear, nn.Embedding)) and mod.weight.dim() == 2:
+            found[name] = mod
+        elif is_conv1x1(mod) or is_kxk_conv(mod):
+            found[name] = mod
+    return found
+
+
+def _factorized_types() -> tuple[type, ...]:
+    from ..methods.conv_layers import CPConv2d, TuckerConv2d
+    from ..methods.shared import SharedBasisLinear
+    from ..methods.tt_layers import TTLinear
+    return (LowRankLinear, LowRankEmbedding, LowRankConv1x1, TuckerConv2d, CPConv2d, TTLinear, SharedBasisLinear)
+
+
+def is_kxk_conv(mod: nn.Module) -> bool:
+    """A Conv2d with a kernel larger than 1x1 (Tucker/CP territory)."""
+    return isinstance(mod, nn.Conv2d) and mod.kernel_size != (1, 1)
+
+
+def is_conv1x1(mod: nn.Module) -> bool:
+    """A 1x1, ungrouped, undilated Conv2d: a linear map over channels at every pixel."""
+    return (isinstance(mod, nn.Conv2d) and mod.kernel_size == (1, 1) and mod.groups == 1
+            and isinstance(mod.padding, tuple) and mod.padding_mode == "zeros")
+
+
+def layer_kind(mod: nn.Module) -> str:
+    if isinstance(mod, nn.Embedding):
+        return "embedding"
+    if isinstance(mod, nn.Conv2d):
+        return "conv1x1" if is_conv1x1(mod) else "conv"
+    return "linear"
+
+
+def _default_kinds(method: str) -> tuple[str, ...]:
+    """Layer kinds a method targets when no --targets are given."""
+    if method in ("tucker", "cp"):
+        return ("conv", "conv1x1")
+    if method == "tt":
+        return ("linear",)
+    if method == "auto":
+        return ("linear", "embedding", "conv1x1", "conv")
+    return ("linear", "embedding", "conv1x1")
+
+
+def select_targets(model: nn.Module, targets: tuple[str, ...], exclude: tuple[str, ...],
+                   method: str = "svd-whiten") -> list[str]:
+    """Names of the layers to consider; every pattern must match something. Without
+    ``targets``, the layer kinds the method works on (convs for tucker/cp, Linear for tt)."""
+    candidates = factorizable(model)
+    all_names = [n for n, _ in model.named_modules() if n]
+    for flag, pats in (("--targets", targets), ("--exclude", exclude)):
+        for p in pats:
+            check_pattern(flag, p)
+            if not any(_matches(p, n) for n in all_names):
+                hint = ", ".join(list(candidates)[:3])
+                raise ConfigError(f"{flag} {p!r} matches no module of the model; use an exact name, a glob "
+                                  f"or re:REGEX, e.g. {hint}")
+    names = list(candidates)
+    if targets:
+        names = [n for n in names if any(_selected(p, n) for p in targets)]
+        if not names:
+            raise ConfigError(f"--targets {list(targets)} match modules but no Linear/Embedding/Conv2d layer; "
+                              "point them at layers that can be factorized")
+    else:
+        kinds = _default_kinds(method)
+        names = [n for n in names if layer_kind(candidates[n]) in kinds]
+        if not names:
+            what = {"tucker": "Conv2d", "cp": "Conv2d", "tt": "Linear"}.get(method, "Linear/Embedding")
+            raise ConfigError(f"--method {method} works on {what} layers and the model has none; pick a "
+                              f"method for its layers ({', '.join(sorted(set(layer_kind(m) for m in candidates.values()))) or 'none'})")
+    names = [n for n in names if not any(_selected(p, n) for p in exclude)]
+    if not names:
+        raise ConfigError("no layer is left to compress after --targets/--exclude; widen --targets")
+    return names
+
+
+def check_finite(model: nn.Module, before: str = "compressing") -> None:
+    """Refuse NaN/Inf parameters and buffers (e.g. BatchNorm running_var) up front, before any
+    calibration pass or export (they would poison every statistic); names the first one in
+    module order."""
+    seen: set[int] = set()
+    for mname, mod in model.named_modules():
+        for what, items in (("parameter", mod.named_parameters(recurse=False)),
+                            ("buffer", mod.named_buffers(recurse=False))):
+            for pname, t in items:
+                if t is None or id(t) in seen:
+                    continue
+                seen.add(id(t))
+                if (t.is_floating_point() or t.is_complex()) and not t.is_meta and not bool(torch.isfinite(t).all()):
+                    name = f"{mname}.{pname}" if mname else pname
+                    raise WeightError(f"{what} {name!r} contains NaN or Inf; fix or re-export the checkpoint "
+                                      f"before {before}")
+
+
+def tied_weights(model: nn.Module, names: list[str]) -> dict[str, str]:
+    owners: dict[int, list[str]] = {}
+    for mname, mod in model.named_modules(remove_duplicate=False):
+        for pname, p in mod.named_parameters(recurse=False, remove_duplicate=False):
+            owners.setdefault(id(p), []).append(mname)
+    out = {}
+    modules = dict(model.named_modules())
+    for n in names:
+        others = sorted(set(owners.get(id(modules[n].weight), [])) - {n})
+        if others:
+            out[n] = others[0]
+    return out
+
+
+def layer_matrix(mod: nn.Module) -> torch.Tensor:
+    """The linear map as (out x in): Linear weight, 1x1 conv kernel, or the transposed
+    embedding table (for a kxk conv: the (out x in*kh*kw) unfolding)."""
+    if isinstance(mod, nn.Conv2d) and mod.kernel_size != (1, 1):
+        return mod.weight.reshape(mod.weight.shape[0], -1)
+    if isinstance(mod, nn.Conv2d):
+        return mod.weight[:, :, 0, 0]
+    return mod.weight if isinstance(mod, nn.Linear) else mod.weight.T

@@ -1,0 +1,1 @@
+"""Recovery: LoRA residual distillation against the original, folded back into the factors."""
