@@ -6,7 +6,7 @@ from .config import CompressConfig, RecoveryConfig, SVDConfig, WhitenedSVDConfig
 from .io.data import TensorData, TextData, open_data
 from .errors import LrcompressError
 from .planning.inspection import inspect
-from .workflow.pipeline import compress, compress_, plan
+from .workflow.pipeline import compress, compress_, gather, plan
 from .recovery.train import RecoveryReport, recover
 from .workflow.report import CompressionReport
 from .io.sources import resolve
@@ -27,6 +27,7 @@ __all__ = [
     "calibrate",
     "compress",
     "compress_",
+    "gather",
     "inspect",
     "load",
     "method_config",

@@ -1,159 +1,38 @@
-"""Compression configs: frozen dataclasses validated on construction, round-trip via dict/JSON
-(RecoveryConfig lives in recovery_config.py and is re-exported here)."""
+"""CompressConfig: what to compress and how much, a frozen dataclass validated on construction
+that round-trips via dict/JSON. Method configs live with their methods (``methods/``) and
+RecoveryConfig in ``recovery/config.py``; both are re-exported here for old import paths."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from .checks import _check_keys, _check_number, check_seed  # noqa: F401  (check_seed re-exported)
 from .errors import ConfigError
+from .methods import registry
+from .methods.auto import AutoConfig  # noqa: F401  (re-exported)
+from .methods.cp import CPConfig  # noqa: F401  (re-exported)
+from .methods.shared_svd import SharedBasisConfig  # noqa: F401  (re-exported)
+from .methods.svd import SOLVERS, SVDConfig  # noqa: F401  (re-exported)
+from .methods.svd_whiten import WhitenedSVDConfig
+from .methods.tt import TTConfig  # noqa: F401  (re-exported)
+from .methods.tucker import TuckerConfig  # noqa: F401  (re-exported)
 from .recovery.config import FOLDS, LORA_INITS, LOSS_TERMS, TRAIN_MODES, RecoveryConfig  # noqa: F401  (re-exported)
 
-METHODS = ("svd", "svd-whiten", "tucker", "cp", "tt", "shared-svd", "auto")
-TENSOR_METHODS = ("tucker", "cp", "tt")
 ALLOCATIONS = ("uniform", "global")
 SCOPES = ("targets", "model")
-SOLVERS = ("exact", "randomized")
 
 
-@dataclass(frozen=True)
-class SVDConfig:
-    """Plain truncated SVD (Eckart-Young optimal in weight space).
-
-    solver: "exact" (full SVD) or "randomized" (subspace iteration, for large matrices).
-    """
-
-    solver: str = "exact"
-    oversample: int = 16
-    power_iters: int = 4
-    name: str = field(default="svd", init=False)
-
-    def __post_init__(self) -> None:
-        if self.solver not in SOLVERS:
-            raise ConfigError(f"solver={self.solver!r} is not one of {SOLVERS}; pick one of them")
-        if not isinstance(self.oversample, int) or self.oversample < 0:
-            raise ConfigError(f"oversample={self.oversample!r} must be an int >= 0; e.g. 16")
-        if not isinstance(self.power_iters, int) or self.power_iters < 0:
-            raise ConfigError(f"power_iters={self.power_iters!r} must be an int >= 0; e.g. 4")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass(frozen=True)
-class WhitenedSVDConfig(SVDConfig):
-    """Data-aware SVD: minimises the layer's output error on calibration data.
-
-    embedding_smoothing: share of the token-frequency weight spread uniformly over the
-    vocabulary, so tokens unseen in calibration keep some fidelity (0 = pure frequency).
-    """
-
-    embedding_smoothing: float = 0.1
-    name: str = field(default="svd-whiten", init=False)
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        s = _check_number("embedding_smoothing", self.embedding_smoothing)
-        if not 0.0 <= s <= 1.0:
-            raise ConfigError(f"embedding_smoothing={s} must be in [0, 1]; e.g. 0.1")
-
-
-@dataclass(frozen=True)
-class TuckerConfig(WhitenedSVDConfig):
-    """Tucker-2 for kxk Conv2d (data-aware on the input-channel mode when calibrated); other
-    selected layers use whitened SVD. ``max_iter``: HOOI sweeps."""
-
-    max_iter: int = 50
-    name: str = field(default="tucker", init=False)
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if isinstance(self.max_iter, bool) or not isinstance(self.max_iter, int) or self.max_iter < 0:
-            raise ConfigError(f"max_iter={self.max_iter!r} must be an int >= 0; e.g. 50")
-
-
-@dataclass(frozen=True)
-class CPConfig(WhitenedSVDConfig):
-    """CP for kxk Conv2d by ALS from HOSVD factors; a layer whose fit stays below ``min_fit``
-    is kept dense (and the report says so). Other selected layers use whitened SVD."""
-
-    max_iter: int = 100
-    tol: float = 1e-6
-    min_fit: float = 0.8
-    name: str = field(default="cp", init=False)
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if isinstance(self.max_iter, bool) or not isinstance(self.max_iter, int) or self.max_iter < 1:
-            raise ConfigError(f"max_iter={self.max_iter!r} must be an int >= 1; e.g. 100")
-        if not 0.0 <= _check_number("min_fit", self.min_fit) < 1.0:
-            raise ConfigError(f"min_fit={self.min_fit} must be in [0, 1); e.g. 0.8")
-        if not _check_number("tol", self.tol) > 0:
-            raise ConfigError(f"tol={self.tol} must be > 0; e.g. 1e-6")
-
-
-@dataclass(frozen=True)
-class TTConfig(WhitenedSVDConfig):
-    """Tensor-train matrices for Linear layers; in/out features factor into ``modes`` balanced
-    integer modes, or the explicit ``tt_shape`` ((out modes), (in modes)) for every layer."""
-
-    modes: int = 3
-    tt_shape: tuple[tuple[int, ...], tuple[int, ...]] | None = None
-    name: str = field(default="tt", init=False)
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if isinstance(self.modes, bool) or not isinstance(self.modes, int) or not 2 <= self.modes <= 6:
-            raise ConfigError(f"modes={self.modes!r} must be an int in [2, 6]; e.g. 3")
-        if self.tt_shape is not None:
-            shape = tuple(tuple(int(v) for v in part) for part in self.tt_shape)
-            if len(shape) != 2 or len(shape[0]) != len(shape[1]) or len(shape[0]) < 2 or min(min(shape[0]), min(shape[1])) < 1:
-                raise ConfigError(f"--tt-shape {self.tt_shape!r} must be two equally long lists of >= 2 "
-                                  "positive modes, e.g. 8x6x8:8x6x8 (out:in)")
-            object.__setattr__(self, "tt_shape", shape)
-
-
-@dataclass(frozen=True)
-class SharedBasisConfig(WhitenedSVDConfig):
-    """Cross-layer shared bases: Linear layers of the same role in ``share_group`` consecutive
-    blocks share one whitened output basis; each keeps its own coefficients."""
-
-    share_group: int = 2
-    name: str = field(default="shared-svd", init=False)
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if isinstance(self.share_group, bool) or not isinstance(self.share_group, int) or self.share_group < 2:
-            raise ConfigError(f"--share-group {self.share_group!r} must be an integer >= 2; e.g. --share-group 2")
-
-
-@dataclass(frozen=True)
-class AutoConfig(WhitenedSVDConfig):
-    """Per layer, the method with the lowest predicted output error at the layer's share of a
-    ``ratio`` budget: Tucker-2 vs CP for kxk convs, whitened SVD vs tensor-train for Linear
-    (TT only when ``try_tt``), whitened SVD for the rest. Sub-methods use their defaults."""
-
-    try_tt: bool = True
-    name: str = field(default="auto", init=False)
-
-
-MethodConfig = SVDConfig
-_CONFIGS = {"svd": SVDConfig, "svd-whiten": WhitenedSVDConfig, "tucker": TuckerConfig, "cp": CPConfig,
-            "tt": TTConfig, "shared-svd": SharedBasisConfig, "auto": AutoConfig}
+def __getattr__(name: str) -> Any:
+    """``METHODS``: the registered method names, read from the registry when asked (old import path)."""
+    if name == "METHODS":
+        return registry.names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def method_config(name: str, **kwargs: Any) -> SVDConfig:
-    """Build the method config for a --method name."""
-    if name not in _CONFIGS:
-        raise ConfigError(f"--method {name!r} is not one of {', '.join(METHODS)}; pick one of them")
-    if name == "svd":
-        kwargs.pop("embedding_smoothing", None)
-    known = {f.name for f in fields(_CONFIGS[name]) if f.init}
-    unknown = sorted(set(kwargs) - known)
-    if unknown:
-        raise ConfigError(f"options {unknown} do not apply to --method {name}; allowed: {sorted(known)}")
-    return _CONFIGS[name](**kwargs)
+    """Build the method config for a --method name (any registered method)."""
+    return registry.method_config(name, **kwargs)
 
 
 @dataclass(frozen=True)
@@ -200,8 +79,9 @@ class CompressConfig:
             if not 0.0 < lat <= 1.0:
                 raise ConfigError(f"--budget latency={self.latency!r} is outside (0, 1]; it is the fraction of the "
                                   "original's measured latency to reach, e.g. --budget latency=0.6")
-            if self.method.name not in ("svd", "svd-whiten"):
-                raise ConfigError(f"--budget latency works with --method svd-whiten or svd (got {self.method.name}); "
+            if isinstance(self.method, SVDConfig) and not registry.for_config(self.method).latency_budget:
+                able = " or ".join(m.name for m in registry.methods() if m.latency_budget)
+                raise ConfigError(f"--budget latency works with --method {able} (got {self.method.name}); "
                                   "use --ratio for other methods")
         if not isinstance(self.latency_int8, bool):
             raise ConfigError(f"latency_int8={self.latency_int8!r} must be true or false")
@@ -215,8 +95,9 @@ class CompressConfig:
             if (len(pair) != 2 or any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in pair)):
                 raise ConfigError(f"--rank {self.rank!r} must be an integer >= 1 or, for tucker, a pair "
                                   "R_OUT,R_IN of integers >= 1; e.g. --rank 32,16")
-            if self.method.name != "tucker":
-                raise ConfigError(f"--rank {pair[0]},{pair[1]} (a pair) is only for --method tucker; give one "
+            if isinstance(self.method, SVDConfig) and not registry.for_config(self.method).rank_pair:
+                able = " or ".join(m.name for m in registry.methods() if m.rank_pair)
+                raise ConfigError(f"--rank {pair[0]},{pair[1]} (a pair) is only for --method {able}; give one "
                                   "integer, e.g. --rank 32")
             object.__setattr__(self, "rank", pair)
         elif self.rank is not None:
@@ -266,8 +147,9 @@ class CompressConfig:
     def from_dict(cls, d: dict[str, Any]) -> "CompressConfig":
         _check_keys(cls, d, "config")
         d = dict(d)
-        m = dict(d.pop("method", {"name": "svd-whiten"}))
-        name = m.pop("name", "svd-whiten")
+        default = WhitenedSVDConfig.name
+        m = dict(d.pop("method", {"name": default}))
+        name = m.pop("name", default)
         d["targets"] = tuple(d.get("targets", ()))
         d["exclude"] = tuple(d.get("exclude", ()))
         if isinstance(d.get("rank"), list):

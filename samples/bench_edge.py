@@ -71,7 +71,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     example = {k: v for k, v in tok(["a sample sentence for export"], return_tensors="pt").items()}
     models = {"original": orig}
-    stats = lrcompress.workflow.pipeline.gather(orig, lrcompress.CompressConfig(ratio=0.5, scope="model"), calib)
+    stats = lrcompress.gather(orig, lrcompress.CompressConfig(ratio=0.5, scope="model"), calib)
     ratios = [float(r) for r in args.ratios.split(",")]
     for ratio in ratios:
         cfg = lrcompress.CompressConfig(ratio=ratio, scope="model")

@@ -19,8 +19,8 @@ from lrcompress.methods.conv_layers import (
     conv_unsupported,
 )
 from lrcompress.errors import ConfigError
-from lrcompress.decompose import cp as cp_mod
-from lrcompress.decompose import tucker as tucker_mod
+from lrcompress.methods import cp as cp_method
+from lrcompress.methods import tucker as tucker_method
 from lrcompress.decompose.cp import cp_break_even, cp_conv, cp_params
 from lrcompress.decompose.tucker import (
     dense_conv_params,
@@ -59,7 +59,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _tucker_module(conv: nn.Conv2d, ranks, gram=None) -> TuckerConv2d:
-    return tucker_mod.tucker_module(conv, ranks, in_gram=gram)[0]
+    return tucker_method.tucker_module(conv, ranks, in_gram=gram)[0]
 
 
 def _anisotropic(cin: int, seed: int, n: int = 16, hw: int = 8, dead: int = 0) -> torch.Tensor:
@@ -82,7 +82,7 @@ def _channel_gram(x: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def test_tucker_full_rank_reproduces_dense_and_reduced_shape(spec) -> None:
     conv = _conv(5, 7, spec)
-    assert tucker_mod.supported(conv) is None
+    assert tucker_method.supported(conv) is None
     x = _x(5)
     y = conv(x)
     full = _tucker_module(conv, (7, 5))
@@ -100,7 +100,7 @@ def test_cp_exact_factors_reproduce_dense_every_padding_mode(spec) -> None:
     conv for every stride/padding/dilation and padding mode (padding commutes with the
     pointwise maps, and a row-only conv commutes with column padding)."""
     conv = _conv(5, 7, spec)
-    assert cp_mod.supported(conv) is None
+    assert cp_method.supported(conv) is None
     kh, kw = conv.kernel_size
     g = torch.Generator().manual_seed(3)
     r = 4
@@ -113,7 +113,7 @@ def test_cp_exact_factors_reproduce_dense_every_padding_mode(spec) -> None:
                               padding=h["padding"], dilation=h["dilation"], padding_mode=h["padding_mode"])
     x = _x(5)
     assert _rel(m(x), conv(x)) < 1e-5
-    m2, f = cp_mod.cp_module(conv, 8)
+    m2, f = cp_method.cp_module(conv, 8)
     assert m2(x).shape == conv(x).shape and f.fit > 0.99
     assert "rank=8" in repr(m2)
 
@@ -231,7 +231,7 @@ def test_cp_low_fit_is_flagged_not_usable_and_data_aware_runs() -> None:
 
 def test_supported_refuses_with_reasons() -> None:
     grouped = nn.Conv2d(8, 8, 3, groups=2)
-    for method in (tucker_mod.supported, cp_mod.supported):
+    for method in (tucker_method.supported, cp_method.supported):
         assert "grouped/depthwise" in method(grouped) and "groups=2" in method(grouped)
         assert "svd-whiten" in method(nn.Conv2d(8, 8, 1))
         assert method(nn.Conv2d(8, 8, 3, padding=1, padding_mode="reflect")) is None
@@ -243,9 +243,9 @@ def test_supported_refuses_with_reasons() -> None:
     assert conv_hyper(nn.Conv2d(2, 2, (5, 3), padding="same", dilation=(1, 2)))["padding"] == (2, 2)
     assert conv_hyper(nn.Conv2d(2, 2, 3, padding="valid"))["padding"] == (0, 0)
     with pytest.raises(ConfigError, match="grouped"):
-        tucker_mod.tucker_module(grouped, (4, 4))
+        tucker_method.tucker_module(grouped, (4, 4))
     with pytest.raises(ConfigError, match="grouped"):
-        cp_mod.cp_module(grouped, 4)
+        cp_method.cp_module(grouped, 4)
     with pytest.raises(ValueError):
         conv_unsupported(grouped, "tt")
     with pytest.raises(ValueError, match="ranks"):

@@ -158,8 +158,8 @@ def test_model_wide_tt_tries_fewer_modes_for_a_10_output_layer():
     small, rep = lc.compress(odd_mlp(), _tt(rank=2), _data())
     by = {l.name: l for l in rep.layers}
     assert isinstance(small.fc3, TTLinear)
-    assert by["fc3"].ranks[0] == [2, 5] and "2 TT modes" in by["fc3"].reason
-    assert by["fc1"].ranks[0] == [4, 8, 8] and "TT modes" not in by["fc1"].reason  # 3 modes where they fit
+    assert by["fc3"].choice.out_modes == (2, 5) and "2 TT modes" in by["fc3"].reason
+    assert by["fc1"].choice.out_modes == (4, 8, 8) and "TT modes" not in by["fc1"].reason  # 3 modes where they fit
 
 
 def test_model_wide_tt_at_a_ratio_never_aborts_on_odd_layers():
@@ -250,7 +250,7 @@ def test_exact_target_conv_method_cannot_take_is_an_error(method, tmp_path, caps
 def test_auto_and_shared_svd_take_odd_layers_without_aborting():
     _, rep = lc.compress(prime_mlp(), lc.CompressConfig(method=lc.method_config("auto"), ratio=0.5), _data())
     by = {l.name: l for l in rep.layers}
-    assert "do not factor into TT modes" in by["fc3"].reason
+    assert "auto: svd-whiten" in by["fc3"].reason and "no tensor-train split" in by["fc3"].reason
     stack = lc.resolve("tests.models:stack").model  # a 5-output head outside the repeated blocks
     data = lc.TensorData({"": np.random.default_rng(0).standard_normal((32, 16)).astype(np.float32)})
     _, rep = lc.compress(stack, lc.CompressConfig(method=lc.method_config("shared-svd"), ratio=0.5), data)

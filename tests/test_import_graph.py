@@ -14,10 +14,16 @@ def _module_name(path: Path) -> str:
 
 
 def _imports(path: Path, name: str, known: set[str]) -> set[str]:
-    """Modules of this tree that ``path`` imports, resolving relative imports."""
+    """Modules of this tree that ``path`` imports, resolving relative imports (imports for type
+    checking only, under ``if TYPE_CHECKING:``, are not dependencies at run time)."""
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     out: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    tree = ast.parse(path.read_text())
+    typing_only = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+                   for n in ast.walk(node)}
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
         if isinstance(node, ast.Import):
             out.update(a.name for a in node.names if a.name in known)
         elif isinstance(node, ast.ImportFrom):

@@ -67,7 +67,7 @@ def test_uniform_ranks_follow_the_formula(ratio):
 @pytest.mark.parametrize("ratio", [0.2, 0.4, 0.7])
 def test_global_allocation_meets_budget_and_beats_uniform_objective(ratio):
     model = tiny_mlp()
-    stats = lc.pipeline.gather(model, lc.CompressConfig(ratio=0.5), _mlp_data())
+    stats = lc.gather(model, lc.CompressConfig(ratio=0.5), _mlp_data())
     plans = {a: make_plan(model, lc.CompressConfig(ratio=ratio, allocate=a), stats) for a in ("uniform", "global")}
     budget = ratio * sum(lp.params_before for lp in plans["global"].layers)
     g = plans["global"]
@@ -91,7 +91,7 @@ def test_never_factorizes_at_or_past_break_even():
 
 def test_energy_budget_keeps_the_energy():
     model = tiny_mlp()
-    stats = lc.pipeline.gather(model, lc.CompressConfig(ratio=0.5), _mlp_data())
+    stats = lc.gather(model, lc.CompressConfig(ratio=0.5), _mlp_data())
     plan = make_plan(model, lc.CompressConfig(energy=0.9), stats)
     assert any(lp.rank is not None for lp in plan.layers)  # the loop below checks factorized layers
     for lp in plan.layers:
@@ -165,7 +165,7 @@ def test_cli_compress_toy_and_reload(tmp_path, mlp_inputs):
 
 def test_inspect_reports_break_even_and_energy_ranks(mlp_inputs):
     model = tiny_mlp()
-    stats = lc.pipeline.gather(model, lc.CompressConfig(ratio=0.5), lc.open_data(mlp_inputs, None))
+    stats = lc.gather(model, lc.CompressConfig(ratio=0.5), lc.open_data(mlp_inputs, None))
     rep = lc.inspect(model, stats, ratio=0.5)
     fc1 = next(l for l in rep.layers if l.name == "fc1")
     assert fc1.break_even == break_even_rank(64, 32)
@@ -211,7 +211,7 @@ def test_global_allocation_weights_layers_by_measured_sensitivity():
     model = two_branch()
     g = torch.Generator().manual_seed(2)
     data = lc.TensorData({"": torch.randn(128, 32, generator=g).numpy()})
-    stats = lc.pipeline.gather(model, lc.CompressConfig(ratio=0.5), data)
+    stats = lc.gather(model, lc.CompressConfig(ratio=0.5), data)
     assert stats.probe
     flat = make_plan(model, lc.CompressConfig(ratio=0.4, probe_passes=0), stats)
     ranks = {l.name: l.rank for l in flat.layers}

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+from dataclasses import fields
 from typing import Any
 
 import click
 
 from ..errors import ConfigError
+from ..methods import registry
 from ..paths import atomic_file
 from .common import (
     apply_options,
@@ -39,8 +41,8 @@ from .recovery import (
 @click.option("-o", "--output", "output", type=str, default=None, help="Output folder (required unless --dry-run).")
 @apply_options(source_options + calib_options)
 @click.option("--method", type=str, default=None,
-              help="svd | svd-whiten | tucker | cp (kxk Conv2d) | tt (Linear) | shared-svd; default: svd-whiten "
-                   "with --calib, else svd.")
+              help="A registered method (see: lrcompress methods); default: the whitened matrix method "
+                   "with --calib, else plain SVD.")
 @click.option("--rank", type=str, default=None,
               help="Exact rank for every target layer (tucker: N or R_OUT,R_IN; cp: CP rank; tt: largest TT bond).")
 @click.option("--ratio", type=str, default=None, help="Fraction of parameters to keep, in (0, 1].")
@@ -94,17 +96,17 @@ def compress(source: str, output: str | None, weights: str | None, trust_pickle:
     from ..planning.make_plan import plan_table
     from ..io.sources import resolve
 
-    method = method or ("svd-whiten" if calib else "svd")
+    method = method or registry.matrix_method(bool(calib)).name
     extra: dict[str, Any] = {}
-    if tt_shape is not None:
-        if method != "tt":
-            raise ConfigError(f"--tt-shape is only for --method tt (got --method {method}); drop it or use --method tt")
-        extra["tt_shape"] = parse_tt_shape(tt_shape)
-    if share_group is not None:
-        if method != "shared-svd":
-            raise ConfigError(f"--share-group is only for --method shared-svd (got --method {method}); drop it "
-                              "or use --method shared-svd")
-        extra["share_group"] = share_group
+    for flag, field_name, value in (("--tt-shape", "tt_shape", parse_tt_shape(tt_shape) if tt_shape is not None else None),
+                                    ("--share-group", "share_group", share_group)):
+        if value is None:
+            continue
+        owners = [m.name for m in registry.methods() if field_name in {f.name for f in fields(m.config) if f.init}]
+        if method not in owners:
+            raise ConfigError(f"{flag} is only for --method {' or '.join(owners)} (got --method {method}); drop it "
+                              f"or use --method {owners[0]}")
+        extra[field_name] = value
     if max_length < 1:
         raise ConfigError(f"--max-length {max_length} must be >= 1; e.g. --max-length 128")
     budgets = {"rank": parse_rank(rank), "ratio": parse_number("--ratio", ratio, float),
@@ -120,8 +122,9 @@ def compress(source: str, output: str | None, weights: str | None, trust_pickle:
         allocate=allocate, scope=scope, targets=targets, exclude=exclude, seed=seed,
         probe_passes=probe_passes, latency_threads=latency_threads, latency_seq=max_length,
         latency_int8=latency_int8)
-    if method == "svd-whiten" and not calib:
-        raise ConfigError("--method svd-whiten needs calibration data; pass --calib FILE or use --method svd")
+    if registry.get(method).needs_calibration and not calib:
+        raise ConfigError(f"--method {method} needs calibration data; pass --calib FILE or use --method "
+                          f"{registry.matrix_method(False).name}")
     if batch_size < 1:
         raise ConfigError(f"--batch-size {batch_size} must be >= 1; e.g. --batch-size 32")
     device = check_device(device)
@@ -226,6 +229,7 @@ def inspect(source: str, weights: str | None, trust_pickle: bool, trust_code: bo
     from ..io.data import open_data
     from ..planning.inspection import inspect as run_inspect
     from ..io.sources import resolve
+    from ..methods.kinds import LAYER_KINDS
     from ..planning.targets import select_targets
 
     r = parse_number("--ratio", ratio, float)
@@ -243,7 +247,7 @@ def inspect(source: str, weights: str | None, trust_pickle: bool, trust_code: bo
     stats = None
     if calib:
         data = open_data(calib, loaded.tokenizer, max_length, calib_samples)
-        names = select_targets(loaded.model, targets, exclude, "auto")
+        names = select_targets(loaded.model, targets, exclude, kinds=LAYER_KINDS)
         stats = calibrate(loaded.model, data.batches(batch_size), names)
     rep = run_inspect(loaded.model, stats, ratio=r, targets=targets, exclude=exclude)
     if plot is not None:
@@ -268,3 +272,10 @@ def inspect(source: str, weights: str | None, trust_pickle: bool, trust_code: bo
             click.echo(f"wrote {plot}")
         if suggest_recipe:
             click.echo(f"wrote {suggest_recipe} (lrcompress run {suggest_recipe} -o OUT)")
+
+
+@cli.command("methods")
+def methods_command() -> None:
+    """List the registered factorization methods: name, default layer kinds, summary."""
+    for m in registry.methods():
+        click.echo(f"{m.name:12} {','.join(m.kinds):34} {m.summary}")

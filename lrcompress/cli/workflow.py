@@ -8,6 +8,7 @@ import sys
 import click
 
 from ..errors import ConfigError
+from ..methods import registry
 from .common import apply_options, calib_options, check_paths, cli, need_matplotlib, source_options
 
 
@@ -53,8 +54,8 @@ def run(recipe_file: str, output: str, save_recipe: str | None, overwrite: bool,
 @click.argument("source")
 @apply_options(source_options + calib_options)
 @click.option("--ratios", type=str, required=True, help="Fractions of the model's params to keep, e.g. 0.9,0.75,0.5.")
-@click.option("--methods", type=str, default="svd-whiten", show_default=True,
-              help="Comma-separated methods (svd-whiten, svd, shared-svd, ...).")
+@click.option("--methods", type=str, default=registry.DEFAULT, show_default=True,
+              help="Comma-separated registered methods.")
 @click.option("--quantize", type=str, default="none", show_default=True, help="Comma-separated: none,int8.")
 @click.option("--data", "data_path", required=True, help="Held-out data for drift (text or tensors).")
 @click.option("--samples", type=int, default=None, help="Use only the first N held-out examples.")
@@ -78,8 +79,9 @@ def sweep(source: str, weights: str | None, trust_pickle: bool, trust_code: bool
         raise ConfigError(f"--threads {threads} must be >= 1; e.g. --threads 1")
     if runs < 1:
         raise ConfigError(f"--runs {runs} must be >= 1; e.g. --runs 30")
-    if any(m != "svd" for m in method_list) and not calib:
-        raise ConfigError(f"--methods {methods} needs calibration data; pass --calib FILE (or --methods svd)")
+    plain = registry.matrix_method(False).name
+    if any(registry.get(m).whitened or registry.get(m).needs_calibration for m in method_list) and not calib:
+        raise ConfigError(f"--methods {methods} needs calibration data; pass --calib FILE (or --methods {plain})")
     if plot is not None:
         need_matplotlib("--plot")
     check_paths(inputs=[weights, calib, data_path], sources=[source], folders={"--keep": keep},

@@ -20,16 +20,11 @@ import math
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
-from ..methods.conv_layers import CPConv2d, conv_hyper, conv_unsupported
 from ..errors import ConfigError, WeightError
 from .tucker import few_threads
 
 
-def supported(conv: nn.Module) -> str | None:
-    """None when ``conv`` can be CP factorized, else a one-line reason to keep it dense."""
-    return conv_unsupported(conv, "cp")
 
 
 @dataclass(frozen=True)
@@ -197,21 +192,6 @@ def _cp_conv(weight: torch.Tensor, rank: int, *, max_iter: int, tol: float, seed
     )
 
 
-def cp_module(conv: nn.Conv2d, rank: int, **kwargs: object) -> tuple[CPConv2d, CPFactors]:
-    """Factorize a dense conv into a CPConv2d with the same hyper-parameters and bias
-    (``kwargs`` go to ``cp_conv``). Check ``factors.usable`` before swapping it in.
-
-    Raises ConfigError with the reason when ``supported(conv)`` refuses it."""
-    reason = supported(conv)
-    if reason is not None:
-        raise ConfigError(f"cannot CP-factorize this conv: {reason}")
-    f = cp_conv(conv.weight, rank, **kwargs)  # type: ignore[arg-type]
-    h = conv_hyper(conv)
-    bias = None if conv.bias is None else conv.bias.detach()
-    mod = CPConv2d.from_factors(f.first, f.vertical, f.horizontal, f.last, bias, stride=h["stride"],
-                                padding=h["padding"], dilation=h["dilation"],
-                                padding_mode=h["padding_mode"])
-    return mod, f
 
 
 def cp_params(out_ch: int, in_ch: int, kh: int, kw: int, rank: int, bias: bool = True) -> int:

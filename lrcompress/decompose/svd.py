@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from ..config import SVDConfig
 from .lowrank import Metric, Spectrum, spectrum
+
+if TYPE_CHECKING:
+    from ..methods.svd import SVDConfig
 
 
 def svd_spectrum(weight: torch.Tensor, config: SVDConfig, max_rank: int | None = None,

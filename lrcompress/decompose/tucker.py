@@ -29,9 +29,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
-from ..methods.conv_layers import TuckerConv2d, conv_hyper, conv_unsupported
 from ..errors import ConfigError, WeightError
 from ..scoped import torch_threads
 from .whiten import gram_root
@@ -52,9 +50,6 @@ def few_threads(work: int) -> Iterator[None]:
         yield
 
 
-def supported(conv: nn.Module) -> str | None:
-    """None when ``conv`` can be Tucker-2 factorized, else a one-line reason to keep it dense."""
-    return conv_unsupported(conv, "tucker")
 
 
 @dataclass(frozen=True)
@@ -248,21 +243,6 @@ def _tucker2(weight: torch.Tensor, ranks: tuple[int, int], in_gram: torch.Tensor
     )
 
 
-def tucker_module(conv: nn.Conv2d, ranks: tuple[int, int], in_gram: torch.Tensor | None = None,
-                  **kwargs: float | int) -> tuple[TuckerConv2d, TuckerFactors]:
-    """Factorize a dense conv into a TuckerConv2d with the same hyper-parameters and bias.
-
-    Raises ConfigError with the reason when ``supported(conv)`` refuses it."""
-    reason = supported(conv)
-    if reason is not None:
-        raise ConfigError(f"cannot Tucker-factorize this conv: {reason}")
-    f = tucker2(conv.weight, ranks, in_gram=in_gram, **kwargs)  # type: ignore[arg-type]
-    h = conv_hyper(conv)
-    bias = None if conv.bias is None else conv.bias.detach()
-    mod = TuckerConv2d.from_factors(f.first, f.core, f.last, bias, stride=h["stride"],
-                                    padding=h["padding"], dilation=h["dilation"],
-                                    padding_mode=h["padding_mode"])
-    return mod, f
 
 
 def _s_out(slices: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

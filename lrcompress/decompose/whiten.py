@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from ..config import SVDConfig
 from .lowrank import Metric, Spectrum, gram_root, spectrum
+
+if TYPE_CHECKING:
+    from ..methods.svd import SVDConfig
 
 __all__ = ["gram_root", "metric_from_stats", "whitened_spectrum"]
 

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError, SourceError
-from ..methods.layers import LowRankConv1x1, LowRankEmbedding, LowRankLinear, build_shell
+from ..methods import registry
 from ..paths import atomic_folder, check_output
 
 __all__ = ["FORMAT", "MANIFEST", "WEIGHTS", "PICKLED", "atomic_folder", "check_output", "factorized_layers",
@@ -26,34 +26,14 @@ PICKLED = "model.pt"
 
 
 def factorized_layers(model: nn.Module) -> dict[str, dict[str, Any]]:
-    """Shapes and ranks of the factorized modules, enough to rebuild their shells."""
+    """Manifest entries of the factorized modules (from the method that built each), enough
+    to rebuild their shells."""
     out: dict[str, dict[str, Any]] = {}
-    bases: dict[int, str] = {}
+    groups: dict[int, str] = {}
     for name, mod in model.named_modules(remove_duplicate=False):
-        if type(mod).__name__ == "SharedBasisLinear":
-            from ..methods.shared import shared_info
-            gid = bases.setdefault(id(mod.basis), f"g{len(bases)}")
-            out[name] = shared_info(mod, gid)
-            continue
-        if isinstance(mod, LowRankLinear):
-            out[name] = {"kind": "linear", "shape": [mod.out_features, mod.in_features],
-                         "rank": mod.rank, "bias": mod.second.bias is not None,
-                         "dtype": str(mod.first.weight.dtype).replace("torch.", "")}
-        elif isinstance(mod, LowRankConv1x1):
-            out[name] = {"kind": "conv1x1", "shape": [mod.out_channels, mod.in_channels],
-                         "rank": mod.rank, "bias": mod.second.bias is not None,
-                         "stride": list(mod.first.stride), "padding": list(mod.first.padding),
-                         "dtype": str(mod.first.weight.dtype).replace("torch.", "")}
-        elif type(mod).__name__ in ("TuckerConv2d", "CPConv2d"):
-            from ..methods.conv_layers import conv_shell_info
-            out[name] = dict(conv_shell_info(mod), dtype=str(mod.last.weight.dtype).replace("torch.", ""))
-        elif type(mod).__name__ == "TTLinear":
-            from ..methods.tt_layers import tt_shell_info
-            out[name] = tt_shell_info(mod)
-        elif isinstance(mod, LowRankEmbedding):
-            out[name] = {"kind": "embedding", "shape": [mod.num_embeddings, mod.embedding_dim],
-                         "rank": mod.rank, "padding_idx": mod.padding_idx,
-                         "dtype": str(mod.table.weight.dtype).replace("torch.", "")}
+        method = registry.owner(mod)
+        if method is not None:
+            out[name] = method.entry(mod, groups)
     return out
 
 
@@ -119,23 +99,15 @@ _ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16
 _MAX_DIM = 1 << 31
 
 
-def _shell(info: dict[str, Any], bases: dict[str, nn.Module]) -> nn.Module:
-    """An uninitialised factorized module from its manifest entry (``bases``: shared bases
-    by group id, filled as the group's members are rebuilt)."""
-    kind = info.get("kind")
-    dtype = getattr(torch, info.get("dtype", "float32"))
+def _shell(info: dict[str, Any], shared: dict[str, nn.Module]) -> nn.Module:
+    """An uninitialised factorized module from its manifest entry, built by the method that
+    reads entries of its kind (``shared``: parts shared between layers, filled as they are built)."""
+    method = registry.for_entry(info.get("kind"))
+    if method is None:
+        raise CheckpointError(f"manifest layer entry {info!r:.120} is damaged or from an unregistered method (no "
+                              f"method reads kind {info.get('kind')!r}); register that method, or re-run lrcompress compress")
     try:
-        if kind == "shared_linear":
-            from ..methods.shared import build_shared_shell
-            return build_shared_shell(info, bases)
-        if kind in ("tucker", "cp"):
-            from ..methods.conv_layers import build_conv_shell
-            return build_conv_shell(kind, info, dtype=dtype)
-        if kind == "tt_linear":
-            from ..methods.tt_layers import build_tt_shell
-            return build_tt_shell(info)
-        return build_shell(kind, info["shape"], info["rank"], bias=info.get("bias", False),
-                           padding_idx=info.get("padding_idx"), dtype=dtype, info=info)
+        return method.shell(info, shared)
     except (KeyError, ValueError, TypeError, RuntimeError) as e:
         raise CheckpointError(f"manifest layer entry {info!r:.120} is damaged ({e}); re-run lrcompress compress") from None
 

@@ -1,45 +1,73 @@
-"""Factorize planned layers and swap the factorized modules into the model (in place)."""
+"""Factorize planned layers and swap the factorized modules into the model (in place). Each
+layer goes to the method its plan names (through the registry); a method that does not
+measure its own error is judged here on the probe inputs, or on the weight without them."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
-
 from torch import nn
 
-from .layers import LowRankConv1x1, LowRankEmbedding, LowRankLinear
-from ..config import TENSOR_METHODS
-from ..decompose import factorize
 from ..planning.plan_types import LayerPlan, Plan
-from ..planning.targets import layer_matrix
+from . import registry
+from .base import Choice, Factorized
 
 
 @dataclass
 class LayerResult:
-    """What happened to one layer. Errors are relative; ``error_metric`` says whether they
-    are measured on calibration outputs ("output") or on the weight ("weight")."""
+    """What happened to one layer: its plan plus the measured quality. Errors are relative;
+    ``error_metric`` says whether they are measured on calibration outputs ("output") or on
+    the weight ("weight"). ``kept_dense``: the method refused the planned layer at
+    factorization (``note`` says why)."""
 
-    name: str
-    kind: str
-    shape: tuple[int, int]
-    method: str
-    rank: int | None
-    params_before: int
-    params_after: int
-    relative_error: float
-    optimal_error: float
-    error_ratio: float
-    error_metric: str
-    reason: str = ""
-    ranks: list | None = None
+    plan: LayerPlan
+    relative_error: float = 0.0
+    optimal_error: float = 0.0
+    error_ratio: float = 1.0
+    error_metric: str = "-"
+    note: str = ""
+    kept_dense: bool = False
+
+    @property
+    def dense(self) -> bool:
+        return self.kept_dense or self.plan.rank is None
+
+    name = property(lambda self: self.plan.name)
+    kind = property(lambda self: self.plan.kind)
+    shape = property(lambda self: self.plan.shape)
+    params_before = property(lambda self: self.plan.params_before)
+
+    @property
+    def method(self) -> str:
+        return "dense" if self.dense else self.plan.method
+
+    @property
+    def rank(self) -> int | None:
+        return None if self.dense else self.plan.rank
+
+    @property
+    def choice(self) -> Choice | None:
+        return None if self.dense else self.plan.choice
+
+    @property
+    def params_after(self) -> int:
+        return self.plan.params_before if self.kept_dense else self.plan.params_after
+
+    @property
+    def reason(self) -> str:
+        if self.kept_dense:
+            return self.note
+        return "; ".join(x for x in (self.plan.reason, self.note) if x)
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["shape"] = list(self.shape)
-        return d
+        return {"name": self.name, "kind": self.kind, "shape": list(self.shape), "method": self.method,
+                "rank": self.rank, "params_before": self.params_before, "params_after": self.params_after,
+                "relative_error": self.relative_error, "optimal_error": self.optimal_error,
+                "error_ratio": self.error_ratio, "error_metric": self.error_metric, "reason": self.reason,
+                "choice": None if self.choice is None else self.choice.to_dict()}
 
 
 def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -53,41 +81,31 @@ def apply_plan(model: nn.Module, plan: Plan,
                progress: Callable[[str], None] | None = None) -> list[LayerResult]:
     """Factorize every layer with a rank in ``plan`` and swap it in. Returns per-layer results."""
     results: list[LayerResult] = []
-    tensor = [lp for lp in plan.layers if lp.rank is not None and lp.method in TENSOR_METHODS]
-    inputs = capture_inputs(model, plan.probe, [lp.name for lp in tensor]) if tensor else {}
-    done: dict[str, tuple[dict[str, float], float]] = {}
+    unmeasured = [lp.name for lp in plan.layers if lp.rank is not None and not registry.get(lp.method).spectral]
+    inputs = capture_inputs(model, plan.probe, unmeasured) if unmeasured else {}
     for lp in plan.layers:
         if lp.rank is None:
-            results.append(LayerResult(lp.name, lp.kind, lp.shape, "dense", None, lp.params_before,
-                                       lp.params_after, 0.0, 0.0, 1.0, "-", lp.reason))
+            results.append(LayerResult(lp))
             continue
-        mod = model.get_submodule(lp.name)
-        if lp.method == "shared-svd":
-            results.append(_apply_shared(model, lp, plan, done))
+        dense = model.get_submodule(lp.name)
+        f: Factorized = registry.get(lp.method).factorize(model, lp, plan)
+        if f.dense:
+            results.append(LayerResult(lp, note=f.note, kept_dense=True))
             continue
-        if lp.method in TENSOR_METHODS:
-            results.append(_apply_tensor(model, lp, mod, plan, inputs.get(lp.name, [])))
-            if progress is not None:
-                progress(lp.name)
-            continue
-        w = layer_matrix(mod)
-        metric = plan.metrics[lp.name]
-        f = factorize(w, plan.spectra[lp.name], lp.rank, metric,
-                      plan.eval_metrics.get(lp.name), plan.eval_spectra.get(lp.name))
-        if isinstance(mod, nn.Embedding):
-            new = LowRankEmbedding.from_factors(f.b.T.contiguous(), f.a.contiguous(), mod.padding_idx)
-        elif isinstance(mod, nn.Conv2d):
-            new = LowRankConv1x1.from_factors(f.a.contiguous(), f.b.contiguous(), mod)
-        else:
-            new = LowRankLinear.from_factors(f.a.contiguous(), f.b.contiguous(),
-                                             None if mod.bias is None else mod.bias.detach())
-        new.train(mod.training)
-        set_module(model, lp.name, new)
-        measured_on_output = not metric.is_identity or lp.name in plan.eval_metrics
-        results.append(LayerResult(lp.name, lp.kind, lp.shape, lp.method, lp.rank, lp.params_before,
-                                   lp.params_after, f.relative_error, f.optimal_error, f.error_ratio,
-                                   "output" if measured_on_output else "weight", lp.reason, lp.ranks))
-        if progress is not None:
+        if f.relative_error is None:  # judge the new module against the dense one
+            new = f.modules[lp.name]
+            new.train(dense.training)
+            if inputs.get(lp.name):
+                f.relative_error, f.error_metric = _output_error(dense, new, inputs[lp.name]), "output"
+            else:
+                w = dense.weight.detach().double()
+                f.relative_error = float((new.dense_weight().detach().double().reshape(w.shape) - w).norm() / w.norm())
+                f.error_metric = "weight"
+        for name, new in f.modules.items():
+            new.train(model.get_submodule(name).training)
+            set_module(model, name, new)
+        results.append(LayerResult(lp, f.relative_error, f.optimal_error, f.error_ratio, f.error_metric, f.note))
+        if progress is not None and not registry.get(lp.method).grouped:
             progress(lp.name)
     return results
 
@@ -125,41 +143,3 @@ def _output_error(dense: nn.Module, new: nn.Module, inputs: list[torch.Tensor]) 
         num += float((d * d).sum())
         den += float((y * y).sum())
     return math.sqrt(num / den) if den > 0 else 0.0
-
-
-def _apply_tensor(model: nn.Module, lp: LayerPlan, mod: nn.Module, plan: Plan,
-                  inputs: list[torch.Tensor]) -> LayerResult:
-    """Tucker/CP/TT: factorize, judge on the probe inputs (or on the weight), swap in."""
-    from .tensor_plan import factorize_layer
-    new, note = factorize_layer(mod, lp, plan.config, plan.grams.get(lp.name))
-    if new is None:
-        return LayerResult(lp.name, lp.kind, lp.shape, "dense", None, lp.params_before, lp.params_before,
-                           0.0, 0.0, 1.0, "-", note)
-    new.train(mod.training)
-    if inputs:
-        err, metric = _output_error(mod, new, inputs), "output"
-    else:
-        w = mod.weight.detach().double()
-        err, metric = float((new.dense_weight().double().reshape(w.shape) - w).norm() / w.norm()), "weight"
-    set_module(model, lp.name, new)
-    return LayerResult(lp.name, lp.kind, lp.shape, lp.method, lp.rank, lp.params_before, lp.params_after,
-                       err, math.nan, math.nan, metric, "; ".join(x for x in (lp.reason, note) if x),
-                       lp.ranks)
-
-
-def _apply_shared(model: nn.Module, lp: LayerPlan, plan: Plan,
-                  done: dict[str, tuple[dict[str, float], float]]) -> LayerResult:
-    """Build a shared-basis group on its first member, then report each member."""
-    from .shared import build_group
-    gid = lp.ranks[0]
-    if gid not in done:
-        group = plan.groups[gid]
-        modules = {n: model.get_submodule(n) for n in group.names}
-        new, errs, ratio = build_group(group, modules, [plan.metrics[n] for n in group.names])
-        for n, m in new.items():
-            m.train(modules[n].training)
-            set_module(model, n, m)
-        done[gid] = (errs, ratio)
-    errs, ratio = done[gid]
-    return LayerResult(lp.name, lp.kind, lp.shape, "shared-svd", lp.rank, lp.params_before, lp.params_after,
-                       errs[lp.name], math.nan, ratio, "output", lp.reason, lp.ranks)

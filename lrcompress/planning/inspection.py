@@ -10,7 +10,8 @@ from typing import Any
 from torch import nn
 
 from ..calibration.calibrate import Calibration
-from ..config import CompressConfig, SVDConfig, WhitenedSVDConfig
+from ..config import CompressConfig
+from ..methods import registry
 from .make_plan import make_plan
 
 
@@ -79,9 +80,8 @@ def inspect(model: nn.Module, calibration: Calibration | None = None, *, ratio: 
             targets: tuple[str, ...] = (), exclude: tuple[str, ...] = ()) -> InspectReport:
     """Per-layer break-even, energy ranks and the uniform rank a ``ratio`` gives."""
     from .targets import factorizable
-    from ..methods.tensor_plan import tucker_mode_spectra, unsupported
 
-    method = WhitenedSVDConfig() if calibration is not None else SVDConfig()
+    method = registry.matrix_method(calibration is not None).config()
     if not targets:  # every factorizable layer, convs included
         targets = tuple(factorizable(model))
     config = CompressConfig(method=method, ratio=ratio, allocate="uniform", targets=targets, exclude=exclude)
@@ -89,21 +89,18 @@ def inspect(model: nn.Module, calibration: Calibration | None = None, *, ratio: 
     infos, spectra = [], {}
     for lp in plan.layers:
         spec = plan.spectra.get(lp.name)
-        if lp.kind == "conv" and unsupported(model.get_submodule(lp.name), "tucker") is not None:
-            reason = unsupported(model.get_submodule(lp.name), "tucker")
-            infos.append(LayerInfo(lp.name, lp.kind, lp.shape, lp.params_before, lp.break_even, 0, 0, None,
-                                   False, reason))
-            continue
         if lp.kind == "conv":
             mod = model.get_submodule(lp.name)
             gram = calibration.layers[lp.name].gram if calibration is not None and lp.name in calibration else None
-            s_out, s_in = tucker_mode_spectra(mod.weight, gram)
-            infos.append(LayerInfo(lp.name, lp.kind, lp.shape, lp.params_before, lp.break_even,
-                                   s_out.rank_for_energy(0.90), s_out.rank_for_energy(0.99), None,
-                                   gram is not None,
-                                   f"Tucker mode ranks out/in: 90% {s_out.rank_for_energy(0.90)}/"
-                                   f"{s_in.rank_for_energy(0.90)}, 99% {s_out.rank_for_energy(0.99)}/"
-                                   f"{s_in.rank_for_energy(0.99)}; use --method tucker or cp"))
+            takers = [m for m in registry.methods() if m.takes(mod, config)]
+            said = next((d for d in (m.describe(mod, gram) for m in takers) if d is not None), "no method takes it")
+            if isinstance(said, str):
+                infos.append(LayerInfo(lp.name, lp.kind, lp.shape, lp.params_before, lp.break_even, 0, 0, None,
+                                       False, said))
+                continue
+            e90, e99, note = said
+            infos.append(LayerInfo(lp.name, lp.kind, lp.shape, lp.params_before, lp.break_even, e90, e99, None,
+                                   gram is not None, f"{note}; use --method {' or '.join(m.name for m in takers)}"))
             continue
         if spec is None:
             infos.append(LayerInfo(lp.name, lp.kind, lp.shape, lp.params_before, lp.break_even, 0, 0, None,

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-from ..methods.tensor_plan import _hull, hull_greedy
+from .hull import hull as _hull, hull_greedy
 
 OPSET = 18
 IR_VERSION = 9  # accepted by onnxruntime >= 1.16

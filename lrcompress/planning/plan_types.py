@@ -5,13 +5,15 @@ after, predicted error) and the ``Plan`` with totals; the dry-run table. Compute
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
 
-from ..config import TENSOR_METHODS, CompressConfig
+from ..config import CompressConfig
 from ..decompose import Metric, Spectrum
+from ..methods import registry
+from ..methods.base import Choice
 
 
 @dataclass
@@ -30,18 +32,26 @@ class LayerPlan:
     break_even: int
     reason: str = ""
     sensitivity: float | None = None
-    ranks: list | None = None
+    choice: Choice | None = None
+
+    def add_reason(self, text: str) -> None:
+        """Append ``text`` to the reason ('; '-separated)."""
+        self.reason = "; ".join(x for x in (self.reason, text) if x)
+
+    def set_rank(self, rank: int, params_after: int, method: str) -> None:
+        """Take ``rank`` at ``params_after`` parameters, unless that saves nothing (break-even):
+        then the layer stays dense and the reason says so."""
+        if params_after >= self.params_before:
+            self.reason = f"{method} at this rank needs {params_after} >= {self.params_before} params (break-even): kept dense"
+            self.choice = None
+            return
+        self.rank, self.params_after = rank, params_after
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
         d["shape"] = list(self.shape)
+        d["choice"] = None if self.choice is None else self.choice.to_dict()
         return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "LayerPlan":
-        d = dict(d)
-        d["shape"] = tuple(d["shape"])
-        return cls(**d)
 
 
 @dataclass
@@ -88,8 +98,8 @@ def plan_table(plan: Plan) -> str:
         params = f"{l.params_before}->{l.params_after}"
         if l.rank is None:
             lines.append(f"{l.name[-44:]:44} {shape:>12} {'dense':>10} {'-':>5} {l.break_even:>6} {params:>17}  {l.reason}")
-        elif l.method in TENSOR_METHODS:  # no single spectrum: error is measured after factorizing
-            rank = "/".join(map(str, l.ranks)) if l.method == "tucker" else str(l.rank)
+        elif not registry.get(l.method).spectral:  # no single spectrum: error is measured after factorizing
+            rank = (l.choice.label() if l.choice is not None else "") or str(l.rank)
             lines.append(f"{l.name[-44:]:44} {shape:>12} {l.method:>10} {rank:>5} {'-':>6} {params:>17} "
                          f"{'-':>8}" + (f"  {l.reason}" if l.reason else ""))
         else:

@@ -10,16 +10,14 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, WeightError
-from ..methods.layers import LowRankConv1x1, LowRankEmbedding, LowRankLinear
+from ..methods import registry
+from ..methods.kinds import (MATRIX_KINDS, is_conv1x1, is_kxk_conv, layer_kind, layer_matrix,  # noqa: F401  (re-exported)
+                             module_weight)
 
 
-def module_weight(kind: str, matrix: torch.Tensor) -> torch.Tensor:
-    """Inverse of layer_matrix: the (out x in) map back in the module's weight layout."""
-    if kind == "embedding":
-        return matrix.T
-    if kind == "conv1x1":
-        return matrix[:, :, None, None]
-    return matrix
+
+
+KIND_TEXT = {"linear": "Linear", "embedding": "Embedding", "conv1x1": "Conv2d", "conv": "Conv2d"}
 
 
 def _matches(pattern: str, name: str) -> bool:
@@ -53,7 +51,7 @@ def _selected(pattern: str, name: str) -> bool:
 
 def factorizable(model: nn.Module) -> dict[str, nn.Module]:
     """Linear, Embedding and Conv2d modules not already inside a factorized module."""
-    FACTORIZED = _factorized_types()
+    FACTORIZED = registry.factorized_types()
     found: dict[str, nn.Module] = {}
     skip: list[str] = []
     for name, mod in model.named_modules():
@@ -69,47 +67,14 @@ def factorizable(model: nn.Module) -> dict[str, nn.Module]:
     return found
 
 
-def _factorized_types() -> tuple[type, ...]:
-    from ..methods.conv_layers import CPConv2d, TuckerConv2d
-    from ..methods.shared import SharedBasisLinear
-    from ..methods.tt_layers import TTLinear
-    return (LowRankLinear, LowRankEmbedding, LowRankConv1x1, TuckerConv2d, CPConv2d, TTLinear, SharedBasisLinear)
 
 
-def is_kxk_conv(mod: nn.Module) -> bool:
-    """A Conv2d with a kernel larger than 1x1 (Tucker/CP territory)."""
-    return isinstance(mod, nn.Conv2d) and mod.kernel_size != (1, 1)
-
-
-def is_conv1x1(mod: nn.Module) -> bool:
-    """A 1x1, ungrouped, undilated Conv2d: a linear map over channels at every pixel."""
-    return (isinstance(mod, nn.Conv2d) and mod.kernel_size == (1, 1) and mod.groups == 1
-            and isinstance(mod.padding, tuple) and mod.padding_mode == "zeros")
-
-
-def layer_kind(mod: nn.Module) -> str:
-    if isinstance(mod, nn.Embedding):
-        return "embedding"
-    if isinstance(mod, nn.Conv2d):
-        return "conv1x1" if is_conv1x1(mod) else "conv"
-    return "linear"
-
-
-def _default_kinds(method: str) -> tuple[str, ...]:
-    """Layer kinds a method targets when no --targets are given."""
-    if method in ("tucker", "cp"):
-        return ("conv", "conv1x1")
-    if method == "tt":
-        return ("linear",)
-    if method == "auto":
-        return ("linear", "embedding", "conv1x1", "conv")
-    return ("linear", "embedding", "conv1x1")
 
 
 def select_targets(model: nn.Module, targets: tuple[str, ...], exclude: tuple[str, ...],
-                   method: str = "svd-whiten") -> list[str]:
+                   method: str | None = None, kinds: tuple[str, ...] | None = None) -> list[str]:
     """Names of the layers to consider; every pattern must match something. Without
-    ``targets``, the layer kinds the method works on (convs for tucker/cp, Linear for tt)."""
+    ``targets``, the layer kinds the method works on (its ``kinds``; default: the matrix kinds)."""
     candidates = factorizable(model)
     all_names = [n for n, _ in model.named_modules() if n]
     for flag, pats in (("--targets", targets), ("--exclude", exclude)):
@@ -126,10 +91,11 @@ def select_targets(model: nn.Module, targets: tuple[str, ...], exclude: tuple[st
             raise ConfigError(f"--targets {list(targets)} match modules but no Linear/Embedding/Conv2d layer; "
                               "point them at layers that can be factorized")
     else:
-        kinds = _default_kinds(method)
+        if kinds is None:
+            kinds = registry.get(method).kinds if method is not None else MATRIX_KINDS
         names = [n for n in names if layer_kind(candidates[n]) in kinds]
         if not names:
-            what = {"tucker": "Conv2d", "cp": "Conv2d", "tt": "Linear"}.get(method, "Linear/Embedding")
+            what = "/".join(dict.fromkeys(KIND_TEXT[k] for k in kinds))
             raise ConfigError(f"--method {method} works on {what} layers and the model has none; pick a "
                               f"method for its layers ({', '.join(sorted(set(layer_kind(m) for m in candidates.values()))) or 'none'})")
     names = [n for n in names if not any(_selected(p, n) for p in exclude)]
@@ -169,12 +135,3 @@ def tied_weights(model: nn.Module, names: list[str]) -> dict[str, str]:
             out[n] = others[0]
     return out
 
-
-def layer_matrix(mod: nn.Module) -> torch.Tensor:
-    """The linear map as (out x in): Linear weight, 1x1 conv kernel, or the transposed
-    embedding table (for a kxk conv: the (out x in*kh*kw) unfolding)."""
-    if isinstance(mod, nn.Conv2d) and mod.kernel_size != (1, 1):
-        return mod.weight.reshape(mod.weight.shape[0], -1)
-    if isinstance(mod, nn.Conv2d):
-        return mod.weight[:, :, 0, 0]
-    return mod.weight if isinstance(mod, nn.Linear) else mod.weight.T

@@ -9,6 +9,7 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 from torch import nn
 
+from ..methods import registry
 from ..methods.apply import apply_plan
 from ..calibration.calibrate import Calibration, calibrate
 from ..config import CompressConfig, RecoveryConfig
@@ -65,11 +66,17 @@ def probe_batches(data: TextData | TensorData, examples: int = 16) -> list[Batch
     return list(data.limit(min(examples, len(data))).batches(examples))
 
 
+def check_calibration(config: CompressConfig, calibration: Any) -> None:
+    """Refuse a method that needs calibration data when none is given."""
+    if calibration is None and registry.for_config(config.method).needs_calibration:
+        raise ConfigError(f"method {config.method.name} needs calibration data; pass --calib FILE or use --method "
+                          f"{registry.matrix_method(False).name}")
+
+
 def plan(model: nn.Module, config: CompressConfig, calibration: CalibrationLike = None, *,
          batch_size: int = 32) -> Plan:
     """The plan (ranks, predicted errors) without touching any weight."""
-    if config.method.name == "svd-whiten" and calibration is None:
-        raise ConfigError("method svd-whiten needs calibration data; pass --calib FILE or use --method svd")
+    check_calibration(config, calibration)
     return make_plan(model, config, gather(model, config, calibration, batch_size=batch_size))
 
 
@@ -77,8 +84,7 @@ def compress_(model: nn.Module, config: CompressConfig, calibration: Calibration
               batch_size: int = 32, device: str | torch.device = "cpu",
               progress: Callable[[str, Any], None] | None = None) -> CompressionReport:
     """Compress ``model`` in place; returns the report."""
-    if config.method.name == "svd-whiten" and calibration is None:
-        raise ConfigError("method svd-whiten needs calibration data; pass --calib FILE or use --method svd")
+    check_calibration(config, calibration)
     tick = lambda stage: (lambda x: progress(stage, x)) if progress else None  # noqa: E731
     params_before, bytes_before = sum(p.numel() for p in model.parameters()), param_bytes(model)
     t0 = time.perf_counter()

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from ..config import RecoveryConfig, _CONFIGS
+from ..config import RecoveryConfig
+from ..methods import registry
 from ..errors import ConfigError
 
 EXPORT_TARGETS = ("onnx", "ort", "coreml")
@@ -57,7 +58,7 @@ class CompressSection:
     int8-quantized export). Method options (``solver``,
     ``embedding_smoothing``, ``share_group``, ...) go in the same table."""
 
-    method: str = "svd-whiten"
+    method: str = registry.DEFAULT
     rank: int | list[int] | None = None
     ratio: float | None = None
     energy: float | None = None
@@ -203,7 +204,7 @@ def _fields_of(table: dict[str, Any], where: str, spec: dict[str, tuple[type, st
 
 
 def _method_option_names(method: str) -> list[str]:
-    cls = _CONFIGS.get(method)
+    cls = registry.configs().get(method)
     return [f.name for f in fields(cls) if f.init] if cls is not None else []
 
 
@@ -255,7 +256,7 @@ def parse_recipe(doc: dict[str, Any], base: str = ".") -> Recipe:
     comp = None
     if "compress" in doc:
         c = doc["compress"]
-        method = c.get("method", "svd-whiten") if isinstance(c, dict) else "svd-whiten"
+        method = c.get("method", registry.DEFAULT) if isinstance(c, dict) else registry.DEFAULT
         opt_names = _method_option_names(method) if isinstance(method, str) else []
         _check_table("[compress]", c, list(_COMPRESS) + ["rank", "rules"] + opt_names)
         d = _fields_of(c, "[compress]", _COMPRESS)

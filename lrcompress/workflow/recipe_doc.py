@@ -7,7 +7,8 @@ import inspect
 from dataclasses import MISSING, fields
 from typing import Any
 
-from ..config import _CONFIGS, RecoveryConfig
+from ..config import RecoveryConfig
+from ..methods import registry
 from .recipe import CompressSection, DataSection, ExportSection, Rule, ValidateSection
 
 BEGIN, END = "<!-- recipe-reference:begin -->", "<!-- recipe-reference:end -->"
@@ -52,7 +53,7 @@ def reference() -> str:
     out += _table("[compress]", CompressSection, skip=("options", "rules"))
     out += ["Method options, in the same `[compress]` table, by `method`:", "", "| method | options (default) |",
             "|---|---|"]
-    for name, cls in _CONFIGS.items():
+    for name, cls in registry.configs().items():
         opts = ", ".join(f"`{f.name}` ({_default(f)})" for f in fields(cls) if f.init)
         out.append(f"| `{name}` | {opts or '-'} |")
     out.append("")

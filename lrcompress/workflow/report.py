@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..methods import registry
 from ..methods.apply import LayerResult
 
 
@@ -43,7 +44,7 @@ class CompressionReport:
         """Worst achieved/optimal over layers with a proven optimum (whitened SVD, shared
         bases); None when no such layer was factorized."""
         vals = [l.error_ratio for l in self.layers if l.rank is not None and l.error_metric == "output"
-                and l.method in ("svd-whiten", "shared-svd") and not math.isnan(l.error_ratio)]
+                and registry.get(l.method).proven_optimal and not math.isnan(l.error_ratio)]
         return max(vals) if vals else None
 
     def to_dict(self) -> dict[str, Any]:
@@ -76,7 +77,7 @@ class CompressionReport:
             else:
                 opt = "-" if math.isnan(l.optimal_error) else f"{l.optimal_error:8.4f}"
                 ratio = "-" if math.isnan(l.error_ratio) else f"{l.error_ratio:6.3f}"
-                rank = "/".join(map(str, l.ranks)) if l.method == "tucker" and l.ranks else l.rank
+                rank = (l.choice.label() if l.choice is not None else "") or l.rank
                 lines.append(f"{l.name[-44:]:44} {shape:>12} {l.method:>10} {str(rank):>5} {params:>17} "
                              f"{l.relative_error:8.4f} {opt:>8} {ratio:>6}"
                              + ("" if l.error_metric == "output" else " (weight)")

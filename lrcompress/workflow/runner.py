@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import ConfigError
+from ..methods import registry
 from .recipe import ExportSection, Recipe, ValidateSection
 from .recipe_write import dump_recipe, write_recipe
 
@@ -71,10 +72,10 @@ def run_recipe(recipe: Recipe, out: str | Path, *, overwrite: bool = False, trus
     rec = recipe.recovery
     train_path = _data_file(recipe, "[recovery].data", rec.data) if rec else None
     rec_eval_path = _data_file(recipe, "[recovery].eval_data", rec.eval_data) if rec else None
-    if recipe.compress is not None and recipe.compress.method == "svd-whiten" and calib_path is None \
-            and not recipe.compress.rules:
-        raise ConfigError("recipe [compress] method svd-whiten needs calibration data; set [data].calib = 'FILE' "
-                          "or method = 'svd'")
+    if recipe.compress is not None and registry.get(recipe.compress.method).needs_calibration \
+            and calib_path is None and not recipe.compress.rules:
+        raise ConfigError(f"recipe [compress] method {recipe.compress.method} needs calibration data; set [data].calib "
+                          f"= 'FILE' or method = '{registry.matrix_method(False).name}'")
     if rec is not None and recipe.compress is None:
         raise ConfigError("recipe [recovery] needs a [compress] section (it recovers the compressed model)")
     if rec is not None and not (train_path or calib_path):
