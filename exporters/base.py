@@ -35,13 +35,35 @@ class ExportResult:
 
 
 class Exporter(ABC):
-    """One target format. Subclasses set the class attributes and implement ``export_with_info`` and ``load``."""
+    """One target format. Subclasses set the class attributes and implement ``export_with_info``, ``load`` and
+    ``inspect``; an exporter that can also convert another exporter's artifact names it in ``derives_from`` and
+    implements ``derive``.
+
+    ``runtime``: what runs the artifacts (default: the exporter's name). ``derives_from``: in a chain of exports
+    (:func:`exporters.chain.plan_exports`) this exporter converts the artifact of that exporter instead of the
+    torch module. ``transform``: ``derive`` rewrites a ``derives_from`` artifact into the same format (int8
+    weights of an ONNX file); it runs only when asked for, and later steps deriving from that format convert
+    the rewritten file. ``options`` / ``derive_options``: keyword options of ``export_with_info`` / ``derive``.
+    """
 
     name: ClassVar[str]
     suffix: ClassVar[str]
     extra: ClassVar[str]
     requires: ClassVar[tuple[str, ...]] = ()
     options: ClassVar[tuple[str, ...]] = ()
+    runtime: ClassVar[str] = ""
+    derives_from: ClassVar[str | None] = None
+    transform: ClassVar[bool] = False
+    derive_options: ClassVar[tuple[str, ...]] = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if not cls.runtime:
+            cls.runtime = getattr(cls, "name", "")
+
+    def file_name(self, stem: str = "model") -> str:
+        """The artifact's file name for ``stem`` in an export folder (``model.onnx``, ``model.mlpackage``...)."""
+        return stem + self.suffix
 
     def unavailable_reason(self) -> str | None:
         """Why this exporter cannot run here (one line naming the fix), or ``None`` when it can."""
@@ -60,12 +82,13 @@ class Exporter(ABC):
         if reason is not None:
             raise MissingDependency(reason)
 
-    def check_options(self, options: Mapping[str, Any]) -> None:
-        """Reject option names this exporter does not know, listing the valid ones."""
-        unknown = sorted(set(options) - set(self.options))
+    def check_options(self, options: Mapping[str, Any], valid: tuple[str, ...] | None = None) -> None:
+        """Reject option names this exporter does not know (``valid``, default ``options``), listing the valid ones."""
+        known = self.options if valid is None else valid
+        unknown = sorted(set(options) - set(known))
         if unknown:
             raise BadInput(
-                f"unknown option(s) {', '.join(unknown)} for exporter '{self.name}'; valid: {', '.join(self.options) or 'none'}"
+                f"unknown option(s) {', '.join(unknown)} for exporter '{self.name}'; valid: {', '.join(known) or 'none'}"
             )
 
     def export(self, model: Any, example_inputs: Any, path: str | os.PathLike[str], **options: Any) -> Path:
@@ -78,9 +101,14 @@ class Exporter(ABC):
     ) -> ExportResult:
         """Export and also return details (exporter used, fallbacks, sizes, warnings)."""
 
+    def derive(self, source: str | os.PathLike[str], path: str | os.PathLike[str], **options: Any) -> ExportResult:
+        """Convert the artifact ``source`` written by the ``derives_from`` exporter into this format at ``path``."""
+        raise BadInput(f"exporter '{self.name}' converts no other artifact; export a torch module with it instead")
+
     @abstractmethod
-    def load(self, path: str | os.PathLike[str], **options: Any) -> Runner:
-        """Load an artifact written by this exporter as a :class:`Runner`."""
+    def load(self, path: str | os.PathLike[str], threads: int | None = None, **options: Any) -> Runner:
+        """Load an artifact written by this exporter as a :class:`Runner` (``threads``: intra-op threads, where
+        the runtime takes a count)."""
 
     @abstractmethod
     def inspect(self, path: str | os.PathLike[str]) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from torch import nn
 from ._files import check_target, publish, require_file, staging_dir
 from ._logs import capture_logs, quiet_logger
 from .base import Exporter, ExportResult, Runner
+from .coreml_wrap import coreml_view
 from .deps import require
 from .errors import (
     BadInput,
@@ -330,7 +331,8 @@ def _prediction_blocker() -> str | None:
 
 
 class CoreMLRunner:
-    """Runner for an .mlpackage; ``available_for_prediction`` is False off macOS and calls raise."""
+    """Runner for an .mlpackage; ``available_for_prediction`` is False off macOS and calls raise
+    (``unavailable_reason`` says why in full, ``unavailable_summary`` in a few words for a report)."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
@@ -339,6 +341,7 @@ class CoreMLRunner:
         self.output_names = [o["name"] for o in self.info["outputs"]]
         self.unavailable_reason = _prediction_blocker()
         self.available_for_prediction = self.unavailable_reason is None
+        self.unavailable_summary = None if self.available_for_prediction else "Core ML prediction needs macOS"
         self._model = None
 
     def __call__(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -370,9 +373,10 @@ class CoreMLExporter(Exporter):
     options = ("precision", "minimum_target", "flexible", "max_batch", "max_sequence", "capture")
 
     def export_with_info(self, model: Any, example_inputs: Any, path: str | os.PathLike[str], **options: Any) -> ExportResult:
+        """Convert ``model`` (a BERT-style encoder through :func:`coreml_view`) with :func:`export_coreml`."""
         self.check_options(options)
         self.ensure_available()
-        return export_coreml(model, example_inputs, path, **options)
+        return export_coreml(*coreml_view(model, example_inputs), path, **options)
 
     def load(self, path: str | os.PathLike[str], threads: int | None = None, **options: Any) -> Runner:
         """Load an .mlpackage; ``threads`` is accepted for a uniform interface and ignored (Core ML schedules itself)."""

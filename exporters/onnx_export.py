@@ -295,7 +295,7 @@ def export_onnx(
 
             qdir = tmp / "int8"
             qdir.mkdir()
-            info["quantization"] = quantize_int8(staged, qdir / target.name, external_data=large)
+            info["quantization"] = quantize_int8(staged, qdir / target.name, external_data=large).info
             for f in list(work.iterdir()):
                 f.unlink()
             for f in qdir.iterdir():
@@ -369,6 +369,7 @@ class OnnxExporter(Exporter):
     name = "onnx"
     suffix = SUFFIX
     extra = EXTRA
+    runtime = "onnxruntime"
     requires = ("onnx", "onnxscript", "onnxruntime")
     options = ("opset", "dynamic", "fp16", "int8", "external_data", "legacy_fallback", "optimize")
 

@@ -162,16 +162,35 @@ def inspect_ort(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 class OrtFormatExporter(Exporter):
-    """``.ort`` (ONNX Runtime mobile format): ONNX export, then onnxruntime's ORT-format converter."""
+    """``.ort`` (ONNX Runtime mobile format): ONNX export, then onnxruntime's ORT-format converter; in a chain it
+    converts the ONNX step's file (the int8 one when quantizing)."""
 
     name = "ort"
     suffix = SUFFIX
     extra = EXTRA
+    runtime = "onnxruntime"
+    derives_from = "onnx"
     requires = ("onnx", "onnxscript", "onnxruntime")
     options = (
         "opset", "dynamic", "fp16", "int8", "legacy_fallback", "optimize",
         "optimization_style", "target_platform", "check_mobile",
     )
+    derive_options = ("optimization_style", "target_platform", "check_mobile")
+
+    def derive(self, source: str | os.PathLike[str], path: str | os.PathLike[str], **options: Any) -> ExportResult:
+        """Convert the .onnx file ``source`` to .ort at ``path``; ``info`` adds ``from`` (the source's file name)
+        and, unless ``check_mobile=False``, the ORT-mobile usability report."""
+        self.check_options(options, self.derive_options)
+        self.ensure_available()
+        check_mobile = options.pop("check_mobile", True)
+        src = Path(source)
+        mobile = mobile_usability(src) if check_mobile else None
+        info = convert_onnx_to_ort(src, path, optimization_style=options.get("optimization_style", "Fixed"),
+                                   target_platform=options.get("target_platform"))
+        info["from"] = src.name
+        if mobile is not None:
+            info["mobile_usability"] = mobile
+        return ExportResult(path=Path(path), info=info)
 
     def export_with_info(self, model: Any, example_inputs: Any, path: str | os.PathLike[str], **options: Any) -> ExportResult:
         from .onnx_export import export_onnx

@@ -1,39 +1,34 @@
-"""lrcompress: post-training low-rank compression for PyTorch models."""
+"""lrcompress: post-training low-rank compression for PyTorch models.
 
-from .calibration.calibrate import Calibration, calibrate
-from .io.checkpoint import load, save
-from .config import CompressConfig, RecoveryConfig, SVDConfig, WhitenedSVDConfig, method_config
-from .io.data import TensorData, TextData, open_data
-from .errors import LrcompressError
-from .planning.inspection import inspect
-from .workflow.pipeline import compress, compress_, gather, plan
-from .recovery.train import RecoveryReport, recover
-from .workflow.report import CompressionReport
-from .io.sources import resolve
+The names below load on first use: ``import lrcompress`` imports nothing heavy."""
+
+from __future__ import annotations
+
+from .faces import lazy_face
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "Calibration",
-    "CompressConfig",
-    "CompressionReport",
-    "LrcompressError",
-    "RecoveryConfig",
-    "RecoveryReport",
-    "SVDConfig",
-    "TensorData",
-    "TextData",
-    "WhitenedSVDConfig",
-    "calibrate",
-    "compress",
-    "compress_",
-    "gather",
-    "inspect",
-    "load",
-    "method_config",
-    "open_data",
-    "plan",
-    "recover",
-    "resolve",
-    "save",
-]
+__getattr__, __all__ = lazy_face(__name__, {
+    "Calibration": "calibration.calibrate",
+    "calibrate": "calibration.calibrate",
+    "load": "io.checkpoint",
+    "save": "io.checkpoint",
+    "CompressConfig": "config",
+    "RecoveryConfig": "config",
+    "SVDConfig": "config",
+    "WhitenedSVDConfig": "config",
+    "method_config": "config",
+    "TensorData": "io.data",
+    "TextData": "io.data",
+    "open_data": "io.data",
+    "LrcompressError": "errors",
+    "inspect": "planning.inspection",
+    "compress": "workflow.pipeline",
+    "compress_": "workflow.pipeline",
+    "gather": "workflow.pipeline",
+    "plan": "workflow.pipeline",
+    "recover": "recovery.train",
+    "RecoveryReport": "recovery.report",
+    "CompressionReport": "workflow.report",
+    "resolve": "io.sources",
+})

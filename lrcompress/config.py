@@ -52,16 +52,16 @@ class CompressConfig:
     """
 
     method: SVDConfig = field(default_factory=WhitenedSVDConfig)
-    rank: int | None = None
+    rank: int | tuple[int, int] | None = field(default=None, metadata={"example": "32"})
     ratio: float | None = None
-    energy: float | None = None
+    energy: float | None = field(default=None, metadata={"example": "0.95"})
     allocate: str = "global"
     scope: str = "targets"
-    targets: tuple[str, ...] = ()
-    exclude: tuple[str, ...] = ()
+    targets: tuple[str, ...] = field(default=(), metadata={"example": "['encoder.*']"})
+    exclude: tuple[str, ...] = field(default=(), metadata={"example": "['pooler.dense']"})
     seed: int = 0
     probe_passes: int = 2
-    latency: float | None = None
+    latency: float | None = field(default=None, metadata={"example": "0.6"})
     latency_threads: int = 1
     latency_batch: int = 1
     latency_seq: int = 128

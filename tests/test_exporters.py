@@ -265,7 +265,7 @@ def test_ort_exporter_end_to_end_with_mobile_report(tmp_path: Path) -> None:
 @needs_onnx
 def test_int8_quantizes_both_low_rank_factors(exported, tmp_path: Path) -> None:
     model, test_inputs, result = exported("lowrank")
-    info = quantize_int8(result.path, tmp_path / "lowrank.int8.onnx")
+    info = quantize_int8(result.path, tmp_path / "lowrank.int8.onnx").info
     assert sum(info["quantized_ops"].values()) >= 2, info  # both factors (MatMul, then Gemm->MatMul)
     inspect = inspect_onnx(tmp_path / "lowrank.int8.onnx")
     assert inspect["ops"].get("MatMul", 0) == 0 and inspect["ops"].get("Gemm", 0) == 0, inspect["ops"]
@@ -277,7 +277,7 @@ def test_int8_quantizes_both_low_rank_factors(exported, tmp_path: Path) -> None:
 @needs_onnx
 def test_int8_file_is_smaller(exported, tmp_path: Path) -> None:
     model, test_inputs, result = exported("mlp")
-    info = quantize_int8(result.path, tmp_path / "mlp.int8.onnx")
+    info = quantize_int8(result.path, tmp_path / "mlp.int8.onnx").info
     assert info["bytes"] < 0.5 * info["source_bytes"], info
     got = ort_runner(tmp_path / "mlp.int8.onnx")(_np(test_inputs))["output"]
     want = _torch_out(model, test_inputs)

@@ -149,7 +149,7 @@ def test_model_wide_tt_keeps_prime_layers_dense_with_the_reason():
         assert "7 is prime" in reasons["fc2"] and "7 is prime" in plan.table()
     small, rep = lc.compress(model, _tt(rank=4), _data())
     assert isinstance(small.fc1, TTLinear)  # the layers tt can take are still factorized
-    x = torch.from_numpy(_data().arrays[""][:4])
+    x = torch.from_numpy(_data().arrays["input"][:4])
     with torch.no_grad():
         assert small(x).shape == (4, 13)
 
@@ -294,7 +294,7 @@ def test_nan_in_a_batchnorm_buffer_is_named_first_in_module_order():
 
 
 def test_cli_nan_weight_is_one_line_naming_the_first_parameter(tmp_path, capsys):
-    calib = _npy(tmp_path, _data(d=16).arrays[""])
+    calib = _npy(tmp_path, _data(d=16).arrays["input"])
     code, _, err = run_main(["compress", f"{HERE}:nan_mlp", "--ratio", "0.5", "--calib", calib, "-o",
                              tmp_path / "out"], capsys)
     one_line_error(code, err, "'fc1.weight'", "NaN")
@@ -370,7 +370,7 @@ def test_partly_nan_candidate_counts_the_bad_examples(tmp_path):
     ref = _reference()
     cand = _export(SqrtHole(ref), tmp_path / "hole.onnx")
     data = _vdata(16)
-    bad = int((data.arrays[""][:, 0] < 0).sum())
+    bad = int((data.arrays["input"][:, 0] < 0).sum())
     assert 0 < bad < 16
     rep = validate(cand, ref, "ref", data, runs=2, warmup=1, batch_size=5, gates={"max_abs_error": 1e-3})
     assert rep.outputs["output"]["non_finite"] == bad == rep.non_finite
@@ -420,7 +420,7 @@ def reference_linear() -> nn.Module:
 
 def test_cli_validate_nan_candidate_exits_1_with_a_readable_line(tmp_path, capsys):
     cand = _export(Scaled(_reference(), float("nan")), tmp_path / "nan.onnx")
-    data = _npy(tmp_path, _vdata().arrays[""])
+    data = _npy(tmp_path, _vdata().arrays["input"])
     code, out, err = run_main(["validate", cand, "--reference", f"{HERE}:reference_linear", "--data", data,
                                "--runs", "2", "--max-abs-error", "0.1"], capsys)
     assert code == 1, err

@@ -78,3 +78,27 @@ def test_no_import_cycle() -> None:
 def test_cycle_finder_finds_a_cycle() -> None:
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+
+STAGES = ("io", "calibration", "planning", "methods", "recovery", "workflow", "edge")
+
+
+def test_package_faces_resolve_and_import_nothing_up_front() -> None:
+    """Each stage package's public face names real objects, and importing the package alone
+    imports none of its modules (faces load on first use)."""
+    import subprocess
+    import sys
+    import importlib
+    for stage in STAGES:
+        face = importlib.import_module(f"lrcompress.{stage}")
+        assert face.__all__, stage
+        for name in face.__all__:
+            assert getattr(face, name) is not None, f"lrcompress.{stage}.{name}"
+    probe = ("import sys, lrcompress.errors\n"
+             f"for s in {STAGES!r}:\n"
+             "    __import__('lrcompress.' + s)\n"
+             "print(sorted(m for m in sys.modules if m.count('.') >= 2 and m.startswith('lrcompress.')))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, check=True).stdout
+    loaded = eval(out)  # noqa: S307  (our own print of a list of names)
+    assert loaded == [], loaded

@@ -42,7 +42,7 @@ def test_shared_input_layers_get_their_own_correct_gram():
     model = tiny_mlp()
     data = _mlp_data(64)
     stats = calibrate(model, data.batches(16), ["fc1", "fc2", "head"])
-    x = torch.from_numpy(data.arrays[""]).float()
+    x = torch.from_numpy(data.arrays["input"]).float()
     with torch.no_grad():
         h1 = model.act(model.fc1(x))
         h2 = model.act(model.fc2(h1))
@@ -111,7 +111,7 @@ def test_compress_copy_leaves_original_and_reports_optimum():
     assert rep.params_after < rep.params_before
     assert rep.worst_error_ratio <= 1.005
     # measured output error on the calibration data equals the reported one
-    x = torch.from_numpy(_mlp_data().arrays[""])
+    x = torch.from_numpy(_mlp_data().arrays["input"])
     with torch.no_grad():
         y, yhat = model.fc1(x).double(), small.fc1(x).double()
     bias = model.fc1.bias.double()

@@ -26,7 +26,7 @@ def _zoo_data(n: int = 48) -> lc.TensorData:
 def test_conv_methods_keep_hyper_parameters_and_reload_exactly(tmp_path, method):
     loaded = lc.resolve("tests.models:conv_zoo")
     model = loaded.model
-    x = torch.from_numpy(_zoo_data().arrays[""][:5])
+    x = torch.from_numpy(_zoo_data().arrays["input"][:5])
     with torch.no_grad():
         before = model(x)
     # CP fits these random kernels at 0.53 / 0.66: lower the refusal threshold so both convs are
@@ -65,7 +65,7 @@ def test_tucker_past_break_even_stays_dense_and_full_rank_module_is_exact():
     rep = lc.compress_(model, lc.CompressConfig(method=lc.method_config("tucker"), rank=16, targets=("a",)),
                        _zoo_data())
     assert rep.layers[0].rank is None and "break-even" in rep.layers[0].reason
-    x = torch.from_numpy(_zoo_data().arrays[""][:4])
+    x = torch.from_numpy(_zoo_data().arrays["input"][:4])
     full, _ = tucker_module(model.a, (16, 3))
     with torch.no_grad():
         assert torch.allclose(full(x), model.a(x), rtol=1e-4, atol=1e-5)
@@ -90,7 +90,7 @@ def test_tt_linear_through_the_pipeline(tmp_path):
     assert rep.params_after == sum(p.numel() for p in model.parameters())
     out = lc.save(model, tmp_path / "tt", loaded.spec)
     again, _ = lc.load(out, trust_code=True)
-    x = torch.from_numpy(_zoo_data().arrays[""][:3])
+    x = torch.from_numpy(_zoo_data().arrays["input"][:3])
     with torch.no_grad():
         assert torch.equal(again(x), model(x))
 
@@ -124,7 +124,7 @@ def test_cli_cp_on_saved_checkpoint(tmp_path):
     model = lc.resolve("tests.models:conv_zoo").model
     from safetensors.torch import save_file
     save_file(model.state_dict(), str(tmp_path / "w.safetensors"))
-    np.save(tmp_path / "x.npy", _zoo_data().arrays[""])
+    np.save(tmp_path / "x.npy", _zoo_data().arrays["input"])
     r = subprocess.run([sys.executable, "-m", "lrcompress", "compress", "tests.models:conv_zoo", "--weights",
                         str(tmp_path / "w.safetensors"), "--calib", str(tmp_path / "x.npy"), "--method", "cp",
                         "--rank", "12", "-o", str(tmp_path / "o"), "--json"], cwd=ROOT, capture_output=True,
@@ -172,7 +172,7 @@ def test_shared_basis_is_group_optimal_stored_once_and_reloads(tmp_path):
     out = lc.save(model, tmp_path / "sh", loaded.spec)
     again, _ = lc.load(out, trust_code=True)
     assert again.blocks[0].down.basis is again.blocks[1].down.basis
-    x = torch.from_numpy(_stack_data().arrays[""][:4])
+    x = torch.from_numpy(_stack_data().arrays["input"][:4])
     with torch.no_grad():
         assert torch.equal(again(x), model(x))
     assert sum(p.numel() for p in again.parameters()) == rep.params_after
@@ -200,7 +200,7 @@ def test_auto_picks_per_layer_and_explains(tmp_path):
     assert by["fc"].reason.startswith("auto:") and by["fc"].method in ("svd-whiten", "tt", "dense")
     out = lc.save(model, tmp_path / "auto", loaded.spec)
     again, _ = lc.load(out, trust_code=True)
-    x = torch.from_numpy(_zoo_data().arrays[""][:3])
+    x = torch.from_numpy(_zoo_data().arrays["input"][:3])
     with torch.no_grad():
         assert torch.equal(again(x), model(x))
 

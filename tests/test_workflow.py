@@ -59,7 +59,7 @@ def test_rules_and_sections_parse_to_values() -> None:
                       "export": {"to": ["onnx", "ort"], "quantize": "int8"},
                       "data": {"eval": "e.txt"},
                       "validate": {"artifact": "ort", "max_cosine_drift": 0.1, "max_latency_ratio": 2}})
-    assert r.compress.options == {"solver": "randomized"} and r.compress.rules[0].rank == 4
+    assert r.compress.config.method.solver == "randomized" and r.compress.rules[0].rank == 4
     assert r.compress.rules[1].dense and r.recovery.config.steps == 5 and r.recovery.data == "t.txt"
     assert r.validate.gates == {"max_cosine_drift": 0.1, "max_latency_ratio": 2.0}
     from lrcompress.workflow.recipe import to_config

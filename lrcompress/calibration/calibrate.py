@@ -156,7 +156,7 @@ def calibrate(
                     raise
                 except Exception as e:  # shape/dtype mismatch between data and model
                     if i == 0:
-                        shapes = {k or "input": (tuple(v.shape), str(v.dtype).replace("torch.", ""))
+                        shapes = {k: (tuple(v.shape), str(v.dtype).replace("torch.", ""))
                                   for k, v in batch.inputs.items()}
                         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
                         raise DataError(f"calibration inputs {shapes} do not fit the model ({msg}); "

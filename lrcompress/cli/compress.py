@@ -85,14 +85,12 @@ def compress(source: str, output: str | None, weights: str | None, trust_pickle:
              overwrite: bool, as_json: bool, quiet: bool, **kw: Any) -> None:
     """Factorize SOURCE's Linear/Embedding layers and write a compressed checkpoint
     (optionally followed by LoRA residual recovery, --recover-steps)."""
-    import copy
-
     import torch
 
     from ..io.checkpoint import check_output, save
     from ..config import CompressConfig, method_config
     from ..io.data import open_data
-    from ..workflow.pipeline import compress_, plan
+    from ..workflow.pipeline import Job, plan, run
     from ..planning.make_plan import plan_table
     from ..io.sources import resolve
 
@@ -164,9 +162,12 @@ def compress(source: str, output: str | None, weights: str | None, trust_pickle:
         click.echo(json.dumps(p.to_dict(), indent=2) if as_json else plan_table(p))
         return
     model = loaded.model.to(device)
-    teacher = copy.deepcopy(model) if rc is not None else None
-    train = open_data(recover_data, loaded.tokenizer, max_length) if rc is not None and recover_data else data
+    train = open_data(recover_data, loaded.tokenizer, max_length) if rc is not None and recover_data else None
     bars: dict[str, Any] = {}
+
+    def close_bars() -> None:
+        for b in bars.values():
+            b.close()
 
     def progress(stage: str, x: Any) -> None:
         if stage not in bars:
@@ -176,17 +177,17 @@ def compress(source: str, output: str | None, weights: str | None, trust_pickle:
             bars[stage] = progress_bar(total, stage, show)
         bars[stage].update(x if isinstance(x, int) else 1)
 
-    try:
-        report = compress_(model, config, data, batch_size=batch_size, device=device, progress=progress)
-    finally:
-        for b in bars.values():
-            b.close()
-    report.source, report.output = source, output
-    rep = None
-    if rc is not None:
-        rep = run_recovery(model, teacher, rc, train, kw.get("eval_data"), loaded.tokenizer, report.stats,
+    def recover_with(student: Any, teacher: Any, train_data: Any, config: Any, stats: Any) -> Any:
+        close_bars()
+        return run_recovery(student, teacher, config, train_data, kw.get("eval_data"), loaded.tokenizer, stats,
                             device, state, kw.get("resume", False), show)
-        report.add_recovery(rep, model)
+
+    try:
+        model, report, rep = run(model, Job([config], rc), data, in_place=True, recovery_data=train,
+                                 recover_with=recover_with, batch_size=batch_size, device=device, progress=progress)
+    finally:
+        close_bars()
+    report.source, report.output = source, output
     if not is_writer():
         return
     extra = {"report.json": report.to_json() + "\n"}

@@ -43,11 +43,12 @@ def export(source: str, targets: tuple, output: str | None, fp16: bool, fp32: bo
     from pathlib import Path
 
     from ..io.checkpoint import check_output
-    from ..edge.artifacts import TARGETS, example_inputs, export_all, export_table
+    from ..edge.artifacts import example_inputs, export_all, export_table, target_names
     from ..io.sources import resolve
 
     if not targets:
-        raise ConfigError(f"no --to target given; pass one or more of {', '.join(TARGETS)}, e.g. --to onnx --to ort")
+        raise ConfigError(f"no --to target given; pass one or more of {', '.join(target_names())}, "
+                          "e.g. --to onnx --to ort")
     if output is None:
         p = Path(source)
         output = str(p.parent / f"{p.name}-export") if p.exists() else f"{source.replace(':', '_').replace('/', '_')}-export"

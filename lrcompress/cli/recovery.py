@@ -164,6 +164,7 @@ def recover(checkpoint: str, reference: str, data_path: str, output: str, steps:
     )
     from ..io.data import open_data
     from ..io.sources import resolve
+    from ..workflow.pipeline import Job, run
 
     rc = recovery_config(steps, kw, batch_size, max_length, seed)
     device = check_device(device)
@@ -181,8 +182,12 @@ def recover(checkpoint: str, reference: str, data_path: str, output: str, steps:
     ref = resolve(reference, weights=weights, trust_pickle=trust_pickle, trust_code=trust_code)
     data = open_data(data_path, tokenizer or ref.tokenizer, max_length)
     show = show_progress(quiet, as_json)
-    rep = run_recovery(student, ref.model, rc, data, kw.get("eval_data"), tokenizer or ref.tokenizer, None,
-                        device, state, kw.get("resume", False), show)
+    def recover_with(student: Any, teacher: Any, train: Any, config: Any, stats: Any) -> Any:
+        return run_recovery(student, teacher, config, train, kw.get("eval_data"), tokenizer or ref.tokenizer, stats,
+                            device, state, kw.get("resume", False), show)
+
+    _, _, rep = run(student, Job([], rc), None, teacher=ref.model, in_place=True, recovery_data=data,
+                    recover_with=recover_with, device=device)
     if not is_writer():
         return
     ck = Path(checkpoint)

@@ -15,9 +15,17 @@ TENSOR_SUFFIXES = (".npy", ".npz", ".safetensors")
 MAX_TEXT_BYTES = 256 * 2**20  # a text data file larger than this is refused (not read without bound)
 
 
+POSITIONAL = "input"  # the one name of a single positional input, here and in exporters (io_spec.SINGLE_INPUT)
+
+
+def is_positional(inputs: dict[str, Any]) -> bool:
+    """Whether ``inputs`` is one positional tensor (a .npy file, a plain tensor) rather than keywords."""
+    return list(inputs) == [POSITIONAL]
+
+
 @dataclass
 class Batch:
-    """One model call: keyword inputs (or one positional tensor under key ``""``) and the
+    """One model call: keyword inputs (or one positional tensor under ``POSITIONAL``) and the
     token mask (B x T, True = real token) used to drop padding from statistics."""
 
     inputs: dict[str, torch.Tensor]
@@ -28,8 +36,8 @@ class Batch:
                      None if self.mask is None else self.mask.to(device))
 
     def run(self, model: torch.nn.Module) -> Any:
-        if list(self.inputs) == [""]:
-            return model(self.inputs[""])
+        if is_positional(self.inputs):
+            return model(self.inputs[POSITIONAL])
         return model(**self.inputs)
 
 
@@ -97,23 +105,27 @@ class TensorData:
     def __init__(self, arrays: dict[str, np.ndarray], source: str = "tensors") -> None:
         if not arrays:
             raise DataError(f"{source} holds no arrays; save the model inputs with first dim = examples")
+        if "" in arrays:  # the old spelling of the positional input
+            if POSITIONAL in arrays:
+                raise DataError(f"{source} names the positional input both '' and {POSITIONAL!r}; keep one")
+            arrays = {POSITIONAL if k == "" else k: v for k, v in arrays.items()}
         sizes = {k: (a.shape[0] if a.ndim else 0) for k, a in arrays.items()}
         for k, a in arrays.items():
             if a.ndim == 0 or a.shape[0] == 0:
-                raise DataError(f"array {k or 'input'!r} in {source} has shape {a.shape}; it needs a "
+                raise DataError(f"array {k!r} in {source} has shape {a.shape}; it needs a "
                                 "first dimension of examples (N, ...) with N >= 1")
             if a.ndim == 1:
-                raise DataError(f"array {k or 'input'!r} in {source} has shape {a.shape}: one axis cannot hold both "
+                raise DataError(f"array {k!r} in {source} has shape {a.shape}: one axis cannot hold both "
                                 f"examples and features; save it as (N, features), e.g. x.reshape(1, {a.shape[0]}) "
                                 f"for one example or x.reshape({a.shape[0]}, 1) for {a.shape[0]} scalars")
             if a.dtype.kind not in "fiub":
-                raise DataError(f"array {k or 'input'!r} in {source} has dtype {a.dtype}; inputs must "
+                raise DataError(f"array {k!r} in {source} has dtype {a.dtype}; inputs must "
                                 "be float, int or bool arrays")
             if a.dtype.kind == "f":
                 finite = np.isfinite(a).reshape(a.shape[0], -1).all(axis=1)
                 if not finite.all():
                     bad = np.flatnonzero(~finite)
-                    raise DataError(f"array {k or 'input'!r} in {source} has NaN/Inf values in {len(bad)} of "
+                    raise DataError(f"array {k!r} in {source} has NaN/Inf values in {len(bad)} of "
                                     f"{a.shape[0]} examples (first: example {int(bad[0])}); inputs must be finite: "
                                     "clean or drop those examples")
         if len(set(sizes.values())) != 1:
@@ -146,7 +158,7 @@ def read_tensors(path: str | Path) -> TensorData:
     suffix = p.suffix.lower()
     try:
         if suffix == ".npy":
-            return TensorData({"": np.load(p, allow_pickle=False)}, str(p))
+            return TensorData({POSITIONAL: np.load(p, allow_pickle=False)}, str(p))
         if suffix == ".npz":
             with np.load(p, allow_pickle=False) as z:
                 return TensorData({k: z[k] for k in z.files}, str(p))

@@ -16,6 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from .base import Method
+from .kinds import dtype_name, is_kxk_conv
+
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 Pair = tuple[int, int]
 
@@ -285,3 +288,24 @@ def build_conv_shell(kind: str, info: dict[str, Any], dtype: torch.dtype | None 
             raise ValueError(f"cp shell needs ranks [R], got {ranks}")
         return CPConv2d(cin, cout, kernel, ranks[0], **common)
     raise ValueError(f"unknown factorized conv kind {kind!r}; expected 'tucker' or 'cp'")
+
+
+class ConvMethod(Method):
+    """What the kxk Conv2d methods share: the layers they take, why not, and their manifest
+    entries (the method's name is the entry's kind)."""
+
+    kinds = ("conv", "conv1x1")
+    auto_candidate = True
+    whitened = True
+
+    def takes(self, mod: nn.Module, config: Any) -> bool:
+        return is_kxk_conv(mod)
+
+    def unsupported(self, mod: nn.Module, config: Any = None) -> str | None:
+        return conv_unsupported(mod, self.name)
+
+    def entry(self, mod: nn.Module, groups: dict[int, str]) -> dict[str, Any]:
+        return dict(conv_shell_info(mod), dtype=dtype_name(mod.last.weight))
+
+    def shell(self, info: dict[str, Any], shared: dict[str, nn.Module]) -> nn.Module:
+        return build_conv_shell(self.name, info, dtype=getattr(torch, info.get("dtype", "float32")))

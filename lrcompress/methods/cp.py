@@ -15,9 +15,8 @@ from torch import nn
 from ..checks import _check_number
 from ..decompose.cp import cp_conv, cp_params
 from ..errors import ConfigError
-from .base import Choice, Factorized, Method
-from .conv_layers import CPConv2d, build_conv_shell, conv_hyper, conv_shell_info, conv_unsupported
-from .kinds import dtype_name, is_kxk_conv
+from .base import Choice, Factorized
+from .conv_layers import ConvMethod, CPConv2d, conv_hyper, conv_unsupported
 from .svd_whiten import WhitenedSVDConfig
 
 if TYPE_CHECKING:
@@ -76,22 +75,13 @@ def cp_module(conv: nn.Conv2d, rank: int, **kwargs: object) -> tuple[CPConv2d, A
     return mod, f
 
 
-class CPMethod(Method):
+class CPMethod(ConvMethod):
     name = NAME
     config = CPConfig
     summary = "CP of kxk Conv2d (rank R)"
-    kinds = ("conv", "conv1x1")
     modules = (CPConv2d,)
     entry_kinds = (NAME,)
     energy_budget = "--energy has no meaning for CP (no nested spectrum); use --rank or --ratio"
-    auto_candidate = True
-    whitened = True
-
-    def takes(self, mod: nn.Module, config: "CompressConfig") -> bool:
-        return is_kxk_conv(mod)
-
-    def unsupported(self, mod: nn.Module, config: "CompressConfig | None" = None) -> str | None:
-        return supported(mod)
 
     def plan_layer(self, lp: "LayerPlan", mod: nn.Module, config: "CompressConfig", frac: float | None,
                    gram: torch.Tensor | None, preset: Any = False) -> None:
@@ -118,12 +108,6 @@ class CPMethod(Method):
             return Factorized(note=f"CP rank {rank} not usable ({f.reason}): kept dense", dense=True)
         return Factorized({lp.name: new}, note=f"CP fit {f.fit:.3f}"
                           + ("" if f.converged else f" (stopped after {f.iterations} sweeps)"))
-
-    def entry(self, mod: nn.Module, groups: dict[int, str]) -> dict[str, Any]:
-        return dict(conv_shell_info(mod), dtype=dtype_name(mod.last.weight))
-
-    def shell(self, info: dict[str, Any], shared: dict[str, nn.Module]) -> nn.Module:
-        return build_conv_shell(NAME, info, dtype=getattr(torch, info.get("dtype", "float32")))
 
 
 METHOD = CPMethod()

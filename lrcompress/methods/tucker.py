@@ -15,9 +15,8 @@ from torch import nn
 from ..decompose import Metric, spectrum
 from ..decompose.tucker import tucker2, tucker_params
 from ..errors import ConfigError
-from .base import Choice, Factorized, Method
-from .conv_layers import TuckerConv2d, build_conv_shell, conv_hyper, conv_shell_info, conv_unsupported
-from .kinds import dtype_name, is_kxk_conv
+from .base import Choice, Factorized
+from .conv_layers import ConvMethod, TuckerConv2d, conv_hyper, conv_unsupported
 from .svd_whiten import WhitenedSVDConfig
 
 if TYPE_CHECKING:
@@ -108,22 +107,13 @@ def ranks_for_budget(s_out: Any, s_in: Any, shape: tuple[int, int, int, int], bu
     return None if best is None else (best[1], best[2])
 
 
-class TuckerMethod(Method):
+class TuckerMethod(ConvMethod):
     name = NAME
     config = TuckerConfig
     summary = "Tucker-2 of kxk Conv2d (rank N or R_OUT,R_IN)"
-    kinds = ("conv", "conv1x1")
     modules = (TuckerConv2d,)
     entry_kinds = (NAME,)
     rank_pair = True
-    auto_candidate = True
-    whitened = True
-
-    def takes(self, mod: nn.Module, config: "CompressConfig") -> bool:
-        return is_kxk_conv(mod)
-
-    def unsupported(self, mod: nn.Module, config: "CompressConfig | None" = None) -> str | None:
-        return supported(mod)
 
     def plan_layer(self, lp: "LayerPlan", mod: nn.Module, config: "CompressConfig", frac: float | None,
                    gram: torch.Tensor | None, preset: Any = False) -> None:
@@ -191,12 +181,6 @@ class TuckerMethod(Method):
         new, _ = tucker_module(mod, (c.r_out, c.r_in), in_gram=plan.grams.get(lp.name),
                                max_iter=self.sub_config(plan.config).max_iter)
         return Factorized({lp.name: new})
-
-    def entry(self, mod: nn.Module, groups: dict[int, str]) -> dict[str, Any]:
-        return dict(conv_shell_info(mod), dtype=dtype_name(mod.last.weight))
-
-    def shell(self, info: dict[str, Any], shared: dict[str, nn.Module]) -> nn.Module:
-        return build_conv_shell(NAME, info, dtype=getattr(torch, info.get("dtype", "float32")))
 
 
 METHOD = TuckerMethod()

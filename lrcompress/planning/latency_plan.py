@@ -14,6 +14,7 @@ from torch import nn
 
 from ..config import CompressConfig
 from ..errors import ConfigError
+from ..io.data import Batch
 
 
 def layer_rows(model: nn.Module, names: list[str], example: dict[str, torch.Tensor]) -> dict[str, int]:
@@ -35,10 +36,7 @@ def layer_rows(model: nn.Module, names: list[str], example: dict[str, torch.Tens
         hooks.append(mod.register_forward_pre_hook(pre))
     try:
         with torch.no_grad():
-            if list(example) == ["input"]:
-                model(example["input"])
-            else:
-                model(**example)
+            Batch(example).run(model)
     finally:
         for h in hooks:
             h.remove()

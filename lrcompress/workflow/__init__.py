@@ -1,1 +1,17 @@
-"""Workflow: the compress pipeline, recipes and their rules, run and sweep, the compression report."""
+"""Workflow: the one orchestrator (``pipeline.run`` of a ``Job``), recipes (schema generated from the
+config dataclasses) and their rules, ``run``, sweeps, and the compression report."""
+
+from __future__ import annotations
+
+from ..faces import lazy_face
+
+__getattr__, __all__ = lazy_face(__name__, {
+    "Job": "pipeline",
+    "run": "pipeline",
+    "compress": "pipeline",
+    "gather": "pipeline",
+    "load_recipe": "recipe",
+    "run_recipe": "runner",
+    "run_sweep": "sweep",
+    "CompressionReport": "report",
+})

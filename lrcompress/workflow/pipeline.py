@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import time
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
@@ -109,19 +110,99 @@ def compress_(model: nn.Module, config: CompressConfig, calibration: Calibration
     return report
 
 
+@dataclass
+class Job:
+    """What one run does to a model, as every entry point builds it (the CLI's compress and
+    recover, ``run RECIPE`` and the Python API): ``groups`` of layers to compress, one
+    CompressConfig each (several when recipe rules give layers their own budget; none to only
+    recover), then recovery with ``recovery`` when given. ``labels`` name each group's rule and
+    ``dense`` lists the rules that keep their layers dense (both for the report)."""
+
+    groups: list[CompressConfig] = field(default_factory=list)
+    recovery: RecoveryConfig | None = None
+    labels: list[str | None] = field(default_factory=list)
+    dense: list[tuple[str, list[str]]] = field(default_factory=list)
+
+
+Recover = Callable[[nn.Module, nn.Module, Any, RecoveryConfig, Any], Any]
+
+
+def run(model: nn.Module, job: Job, calibration: CalibrationLike = None, *, teacher: nn.Module | None = None,
+        in_place: bool = False, recovery_data: TextData | TensorData | None = None,
+        eval_data: TextData | TensorData | None = None, recover_with: Recover | None = None, batch_size: int = 32,
+        device: str | torch.device = "cpu", progress: Callable[[str, Any], None] | None = None
+        ) -> tuple[nn.Module, CompressionReport | None, Any]:
+    """The one pipeline: compress ``job``'s groups, then recover against ``teacher`` (default:
+    ``model`` as it was). Works on a copy of ``model`` unless ``in_place``. ``recover_with``
+    replaces the plain recovery call (the CLI adds resumable state and a progress bar).
+    Returns (student, compression report or None, recovery report or None)."""
+    if job.recovery is not None and teacher is None:
+        teacher = copy.deepcopy(model) if in_place else model
+    student = model if in_place else copy.deepcopy(model).to(device)
+    report = compress_groups(student, job, calibration, batch_size=batch_size, device=device,
+                             progress=progress) if job.groups else None
+    rep = None
+    if job.recovery is not None:
+        train = recovery_data if recovery_data is not None else calibration
+        if not isinstance(train, (TextData, TensorData)):
+            raise ConfigError("recovery needs training data as TextData or TensorData; pass recovery_data=")
+        stats = report.stats if report is not None else None
+        if recover_with is None:
+            from ..recovery.train import recover
+            rep = recover(student, teacher, train, job.recovery, eval_data=eval_data, calibration=stats, device=device)
+        else:
+            rep = recover_with(student, teacher, train, job.recovery, stats)
+        if report is not None:
+            report.add_recovery(rep, student)
+    return student, report, rep
+
+
+def compress_groups(model: nn.Module, job: Job, data: CalibrationLike, *, batch_size: int = 32,
+                    device: str | torch.device = "cpu",
+                    progress: Callable[[str, Any], None] | None = None) -> CompressionReport:
+    """Compress ``model`` in place, group after group, from one calibration; one report."""
+    if len(job.groups) == 1 and not job.dense:
+        return compress_(model, job.groups[0], data, batch_size=batch_size, device=device, progress=progress)
+    if not job.groups:
+        raise ConfigError("every rule of the recipe keeps its layers dense and no layer is left for [compress]; "
+                          "give a rule a budget or drop the dense rules")
+    calib = None
+    if data is not None:  # one calibration for every group (with the latency inputs if a group needs them)
+        union = tuple(n for cfg in job.groups for n in cfg.targets)
+        base = next((cfg for cfg in job.groups if cfg.latency is not None), job.groups[0])
+        calib = gather(model, replace(base, targets=union, exclude=()), data, batch_size=batch_size, device=device,
+                       progress=(lambda x: progress("calibrate", x)) if progress else None)
+    reports = [compress_(model, cfg, calib, batch_size=batch_size, device=device, progress=progress)
+               for cfg in job.groups]
+    return merge(reports, job.labels or [None] * len(reports), job.dense)
+
+
+def merge(reports: list[CompressionReport], labels: list[str | None],
+          dense: list[tuple[str, list[str]]]) -> CompressionReport:
+    """One report for several groups compressed one after the other on the same model."""
+    first, last = reports[0], reports[-1]
+    seconds: dict[str, float] = {}
+    for r in reports:
+        for k, v in r.seconds.items():
+            seconds[k] = seconds.get(k, 0.0) + v
+    layers = [l for r in reports for l in r.layers]
+    config = {"groups": [dict(r.config, rule=label) for r, label in zip(reports, labels)],
+              "dense_rules": [{"match": match, "layers": names} for match, names in dense]}
+    plan_layers = [l for r in reports for l in r.plan.get("layers", [])]
+    plan = {"config": config, "params_model": first.plan.get("params_model"),
+            "params_after": last.plan.get("params_after"), "layers": plan_layers}
+    merged = CompressionReport(layers=layers, params_before=first.params_before, params_after=last.params_after,
+                               bytes_before=first.bytes_before, bytes_after=last.bytes_after, seconds=seconds,
+                               calibration=first.calibration, config=config, plan=plan)
+    merged.stats = first.stats
+    return merged
+
+
 def compress(model: nn.Module, config: CompressConfig, calibration: CalibrationLike = None, *,
              recovery: RecoveryConfig | None = None, recovery_data: TextData | TensorData | None = None,
              eval_data: TextData | TensorData | None = None, **kwargs: Any) -> tuple[nn.Module, CompressionReport]:
     """Compress a copy of ``model``; the original is untouched. With ``recovery`` the copy is
     then distilled against ``model`` on ``recovery_data`` (default: the calibration data)."""
-    student = copy.deepcopy(model)
-    report = compress_(student, config, calibration, **kwargs)
-    if recovery is not None:
-        from ..recovery.train import recover
-        train = recovery_data if recovery_data is not None else calibration
-        if not isinstance(train, (TextData, TensorData)):
-            raise ConfigError("recovery needs training data as TextData or TensorData; pass recovery_data=")
-        rep = recover(student, model, train, recovery, eval_data=eval_data, calibration=report.stats,
-                      device=kwargs.get("device", "cpu"))
-        report.add_recovery(rep, student)
+    student, report, _ = run(model, Job([config], recovery), calibration, recovery_data=recovery_data,
+                             eval_data=eval_data, **kwargs)
     return student, report

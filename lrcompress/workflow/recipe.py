@@ -18,8 +18,8 @@ from typing import Any
 from ..config import RecoveryConfig
 from ..methods import registry
 from ..errors import ConfigError
+from .schema import Spec, spec_of
 
-EXPORT_TARGETS = ("onnx", "ort", "coreml")
 GATES = ("max_cosine_drift", "max_abs_error", "min_top1_agreement", "max_latency_ratio", "max_size_ratio")
 BUDGETS = ("rank", "ratio", "energy", "latency")
 
@@ -30,52 +30,52 @@ class Rule:
     ``method`` at their own budget (``ratio`` of their params, ``rank`` or ``energy``), or
     stay dense with ``dense = true``."""
 
-    match: str
-    method: str | None = None
-    rank: int | None = None
+    match: str = field(metadata={"example": "'*.intermediate.dense'"})
+    method: str | None = field(default=None, metadata={"example": repr(registry.DEFAULT)})
+    rank: int | None = field(default=None, metadata={"example": "32"})
     ratio: float | None = None
-    energy: float | None = None
-    dense: bool = False
+    energy: float | None = field(default=None, metadata={"example": "0.95"})
+    dense: bool = field(default=False, metadata={"example": "true"})
 
 
 @dataclass(frozen=True)
 class DataSection:
     """Calibration (``calib``), held-out evaluation (``eval``, for validation) and tokenisation."""
 
-    calib: str | None = None
-    eval: str | None = None
+    calib: str | None = field(default=None, metadata={"example": "'calib.txt'"})
+    eval: str | None = field(default=None, metadata={"example": "'eval.txt'"})
     max_length: int = 128
-    calib_samples: int | None = None
-    eval_samples: int | None = None
+    calib_samples: int | None = field(default=None, metadata={"example": "256"})
+    eval_samples: int | None = field(default=None, metadata={"example": "500"})
     batch_size: int = 32
 
 
 @dataclass(frozen=True)
 class CompressSection:
-    """The default budget and method for every target layer no rule claims. ``latency`` is a
-    fraction of the original's measured latency on ONNX Runtime (threads/batch/sequence from
-    ``latency_threads``/``latency_batch``/``latency_seq``; ``latency_int8`` plans for the
-    int8-quantized export). Method options (``solver``,
-    ``embedding_smoothing``, ``share_group``, ...) go in the same table."""
+    """Every ``CompressConfig`` field (the method and budget of the target layers no
+    rule claims) and the method's options (``solver``, ``embedding_smoothing``, ``share_group``,
+    ...) in one table, the ``device``, and the ``[[compress.rules]]``. The table's keys and types
+    are generated from CompressConfig and the method configs (``schema.spec_of``)."""
 
-    method: str = registry.DEFAULT
-    rank: int | list[int] | None = None
-    ratio: float | None = None
-    energy: float | None = None
-    latency: float | None = None
-    allocate: str = "global"
-    scope: str = "targets"
-    targets: tuple[str, ...] = ()
-    exclude: tuple[str, ...] = ()
-    seed: int = 0
-    probe_passes: int = 2
-    latency_threads: int = 1
-    latency_batch: int = 1
-    latency_seq: int = 128
-    latency_int8: bool = False
-    options: dict[str, Any] = field(default_factory=dict)
+    config: Any  # CompressConfig
     rules: tuple[Rule, ...] = ()
     device: str = "cpu"
+
+    @property
+    def method(self) -> str:
+        return self.config.method.name
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        return self.config.targets
+
+    @property
+    def exclude(self) -> tuple[str, ...]:
+        return self.config.exclude
+
+    @property
+    def seed(self) -> int:
+        return self.config.seed
 
 
 @dataclass(frozen=True)
@@ -110,11 +110,11 @@ class ValidateSection:
     threads: int = 1
     batch_size: int = 1
     runs: int = 50
-    max_cosine_drift: float | None = None
-    max_abs_error: float | None = None
-    min_top1_agreement: float | None = None
-    max_latency_ratio: float | None = None
-    max_size_ratio: float | None = None
+    max_cosine_drift: float | None = field(default=None, metadata={"example": "0.05"})
+    max_abs_error: float | None = field(default=None, metadata={"example": "0.05"})
+    min_top1_agreement: float | None = field(default=None, metadata={"example": "0.95"})
+    max_latency_ratio: float | None = field(default=None, metadata={"example": "1.0"})
+    max_size_ratio: float | None = field(default=None, metadata={"example": "0.5"})
 
     @property
     def gates(self) -> dict[str, float]:
@@ -208,19 +208,16 @@ def _method_option_names(method: str) -> list[str]:
     return [f.name for f in fields(cls) if f.init] if cls is not None else []
 
 
-_RULE = {"match": (str, "'*.intermediate.dense'"), "method": (str, "'svd-whiten'"), "rank": (int, "32"),
-         "ratio": (float, "0.5"), "energy": (float, "0.95"), "dense": (bool, "true")}
-_DATA = {"calib": (str, "'calib.txt'"), "eval": (str, "'eval.txt'"), "max_length": (int, "128"),
-         "calib_samples": (int, "256"), "eval_samples": (int, "500"), "batch_size": (int, "32")}
-_COMPRESS = {"method": (str, "'svd-whiten'"), "ratio": (float, "0.5"), "energy": (float, "0.95"),
-             "latency": (float, "0.6"), "allocate": (str, "'global'"), "scope": (str, "'model'"),
-             "targets": (list, "['encoder.*']"), "exclude": (list, "['pooler.dense']"), "seed": (int, "0"),
-             "probe_passes": (int, "2"), "latency_threads": (int, "1"), "latency_batch": (int, "1"),
-             "latency_seq": (int, "128"), "latency_int8": (bool, "true"), "device": (str, "'cpu'")}
-_EXPORT = {"to": (list, "['onnx', 'ort']"), "quantize": (str, "'int8'"), "precision": (str, "'fp16'"),
-           "fp16": (bool, "false"), "opset": (int, "18")}
-_VALIDATE = {"artifact": (str, "'ort'"), "threads": (int, "1"), "batch_size": (int, "1"), "runs": (int, "50"),
-             **{g: (float, "0.05") for g in GATES}}
+def _compress_spec() -> Spec:
+    from ..config import CompressConfig
+    return {"method": (str, repr(registry.DEFAULT)), **spec_of(CompressConfig, skip=("method", "rank")),
+            "device": (str, "'cpu'")}
+
+
+_RULE = spec_of(Rule)
+_DATA = spec_of(DataSection)
+_EXPORT = spec_of(ExportSection)
+_VALIDATE = spec_of(ValidateSection)
 
 
 def _rule(i: int, t: Any) -> Rule:
@@ -257,9 +254,10 @@ def parse_recipe(doc: dict[str, Any], base: str = ".") -> Recipe:
     if "compress" in doc:
         c = doc["compress"]
         method = c.get("method", registry.DEFAULT) if isinstance(c, dict) else registry.DEFAULT
-        opt_names = _method_option_names(method) if isinstance(method, str) else []
-        _check_table("[compress]", c, list(_COMPRESS) + ["rank", "rules"] + opt_names)
-        d = _fields_of(c, "[compress]", _COMPRESS)
+        opt_names = [k for k in _method_option_names(method) if k != "name"] if isinstance(method, str) else []
+        spec = _compress_spec()
+        _check_table("[compress]", c, list(spec) + ["rank", "rules"] + opt_names)
+        d = _fields_of(c, "[compress]", spec)
         if "rank" in c:
             r = c["rank"]
             if isinstance(r, list):
@@ -273,11 +271,15 @@ def parse_recipe(doc: dict[str, Any], base: str = ".") -> Recipe:
         rules = c.get("rules", [])
         if not isinstance(rules, list):
             raise ConfigError("recipe [compress].rules must be an array of tables; write [[compress.rules]]")
-        d["rules"] = tuple(_rule(i, t) for i, t in enumerate(rules))
-        d["options"] = {k: (tuple(tuple(x) for x in v) if k == "tt_shape" else v) for k, v in c.items()
-                        if k in opt_names}
-        comp = CompressSection(**d)
-        to_config(comp)  # validates values (method, ranges) now, not after loading the model
+        rules = tuple(_rule(i, t) for i, t in enumerate(rules))
+        opts = {k: (tuple(tuple(x) for x in v) if k == "tt_shape" else v) for k, v in c.items() if k in opt_names}
+        from ..config import CompressConfig, method_config
+        method = d.pop("method", registry.DEFAULT)
+        device = d.pop("device", "cpu")
+        if isinstance(d.get("rank"), list):  # a Tucker pair, written as a TOML list
+            d["rank"] = tuple(d["rank"])
+        # values (method, ranges) are checked now, not after loading the model
+        comp = CompressSection(CompressConfig(method=method_config(method, **opts), **d), rules, device)
     rec = None
     if "recovery" in doc:
         r = dict(_check_table("[recovery]", doc["recovery"], [f.name for f in fields(RecoveryConfig)]
@@ -292,12 +294,14 @@ def parse_recipe(doc: dict[str, Any], base: str = ".") -> Recipe:
     if "export" in doc:
         e = _fields_of(_check_table("[export]", doc["export"], list(_EXPORT)), "[export]", _EXPORT)
         exp = ExportSection(**e)
-        bad = [t for t in exp.to if t not in EXPORT_TARGETS]
+        from exporters.registry import target_names, transform_names
+        targets, quantize = target_names(), ["none", *transform_names()]
+        bad = [t for t in exp.to if t not in targets]
         if bad or not exp.to:
             raise ConfigError(f"recipe [export].to = {list(exp.to)} has unknown targets {bad}; valid: "
-                              f"{', '.join(EXPORT_TARGETS)}")
-        if exp.quantize not in ("none", "int8"):
-            raise ConfigError(f"recipe [export].quantize = {exp.quantize!r} must be 'none' or 'int8'")
+                              f"{', '.join(targets)}")
+        if exp.quantize not in quantize:
+            raise ConfigError(f"recipe [export].quantize = {exp.quantize!r} must be one of {', '.join(map(repr, quantize))}")
         if exp.precision not in ("fp16", "fp32"):
             raise ConfigError(f"recipe [export].precision = {exp.precision!r} must be 'fp16' or 'fp32'")
     val = None
@@ -346,18 +350,17 @@ def load_recipe(path: str | os.PathLike[str]) -> Recipe:
 
 
 def to_config(c: CompressSection, rule: Rule | None = None, targets: tuple[str, ...] | None = None) -> Any:
-    """The CompressConfig for the default group (``rule=None``) or for one rule's layers."""
-    from ..config import CompressConfig, method_config
-    method = (rule.method if rule and rule.method else c.method)
-    opts = dict(c.options) if method == c.method else {k: v for k, v in c.options.items()
-                                                         if k in _method_option_names(method)}
-    owner: Any = rule if rule is not None else c  # a rule's budget counts its own layers (scope "targets")
+    """The CompressConfig for the default group (``rule=None``) or for one rule's layers: the
+    section's config with the rule's method and budget, over ``targets`` only."""
+    if rule is None and targets is None:
+        return c.config
+    from ..config import method_config
+    m = c.config.method
+    if rule is not None and rule.method and rule.method != m.name:
+        given = {k: v for k, v in m.to_dict().items() if k != "name"}
+        m = method_config(rule.method, **{k: given[k] for k in _method_option_names(rule.method) if k in given})
+    owner: Any = rule if rule is not None else c.config  # a rule's budget counts its own layers (scope "targets")
     budget = {b: getattr(owner, b, None) for b in BUDGETS}
-    if isinstance(budget["rank"], list):  # a Tucker pair, written as a TOML list
-        budget["rank"] = tuple(budget["rank"])
-    return CompressConfig(method=method_config(method, **opts), allocate=c.allocate,
-                          scope="targets" if rule is not None else c.scope,
-                          targets=c.targets if targets is None else targets,
-                          exclude=c.exclude if targets is None else (), seed=c.seed, probe_passes=c.probe_passes,
-                          latency_threads=c.latency_threads, latency_batch=c.latency_batch,
-                          latency_seq=c.latency_seq, latency_int8=c.latency_int8, **budget)
+    return replace(c.config, method=m, scope="targets" if rule is not None else c.config.scope,
+                   targets=c.config.targets if targets is None else targets,
+                   exclude=c.config.exclude if targets is None else (), **budget)

@@ -7,7 +7,7 @@ import inspect
 from dataclasses import MISSING, fields
 from typing import Any
 
-from ..config import RecoveryConfig
+from ..config import CompressConfig, RecoveryConfig
 from ..methods import registry
 from .recipe import CompressSection, DataSection, ExportSection, Rule, ValidateSection
 
@@ -50,7 +50,9 @@ def reference() -> str:
            "`package.module:factory` or `file.py:factory`) and `weights` (optional state dict). Relative paths are "
            "relative to the recipe's folder. Unknown keys are refused with the closest known one.", ""]
     out += _table("[data]", DataSection)
-    out += _table("[compress]", CompressSection, skip=("options", "rules"))
+    compress = _table("[compress]", CompressConfig, skip=("method",), note=_doc(CompressSection))
+    compress[6:6] = [f"| `method` | str (a registered method) | `{registry.DEFAULT!r}` |", "| `device` | str | `'cpu'` |"]
+    out += compress
     out += ["Method options, in the same `[compress]` table, by `method`:", "", "| method | options (default) |",
             "|---|---|"]
     for name, cls in registry.configs().items():

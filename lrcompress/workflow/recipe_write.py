@@ -3,7 +3,6 @@ to their folder, the recipe equivalent to a CLI compress run, and a suggested pe
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import fields, replace
 from pathlib import Path
@@ -11,25 +10,12 @@ from typing import Any
 
 from ..paths import check_output_file, write_text
 from .recipe import CompressSection, DataSection, Recipe, Rule
-
-
-def _value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int):
-        return str(v)
-    if isinstance(v, float):
-        return repr(v)
-    if isinstance(v, str):
-        return json.dumps(v, ensure_ascii=False)
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_value(x) for x in v) + "]"
-    raise TypeError(f"cannot write {v!r} to TOML")
+from .schema import toml_value
 
 
 def _table(name: str | None, items: dict[str, Any]) -> list[str]:
     lines = [f"[{name}]"] if name else []
-    lines += [f"{k} = {_value(v)}" for k, v in items.items() if v is not None]
+    lines += [f"{k} = {toml_value(v)}" for k, v in items.items() if v is not None]
     return lines
 
 
@@ -47,8 +33,8 @@ def dump_recipe(r: Recipe) -> str:
     out += ["", *_table("data", {f.name: getattr(r.data, f.name) for f in fields(r.data)})]
     if r.compress is not None:
         c = r.compress
-        d = {f.name: getattr(c, f.name) for f in fields(c) if f.name not in ("options", "rules")}
-        d.update(c.options)
+        d = {"method": c.method, **{f.name: getattr(c.config, f.name) for f in fields(c.config) if f.name != "method"},
+             "device": c.device, **{k: v for k, v in c.config.method.to_dict().items() if k != "name"}}
         out += ["", *_table("compress", d)]
         for rule in c.rules:
             out += ["", *_table("[compress.rules]", {f.name: getattr(rule, f.name) for f in fields(rule)
@@ -87,16 +73,7 @@ def write_recipe(r: Recipe, path: str | os.PathLike[str]) -> Path:
 
 def section_from_config(config: Any, device: str = "cpu") -> CompressSection:
     """The [compress] section that rebuilds ``config`` exactly (every method option spelled out)."""
-    opts = {k: (tuple(tuple(x) for x in v) if k == "tt_shape" and v is not None else v)
-            for k, v in config.method.to_dict().items() if k != "name" and v is not None}
-    rank = list(config.rank) if isinstance(config.rank, tuple) else config.rank
-    return CompressSection(method=config.method.name, rank=rank, ratio=config.ratio, energy=config.energy,
-                           latency=config.latency, allocate=config.allocate, scope=config.scope,
-                           targets=tuple(config.targets), exclude=tuple(config.exclude), seed=config.seed,
-                           probe_passes=config.probe_passes, latency_threads=config.latency_threads,
-                           latency_batch=config.latency_batch, latency_seq=config.latency_seq,
-                           latency_int8=config.latency_int8, options=opts,
-                           device=device)
+    return CompressSection(config, device=device)
 
 
 def suggest_recipe(source: str, weights: str | None, calib: str, max_length: int, calib_samples: int | None,

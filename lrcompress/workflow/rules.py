@@ -1,16 +1,15 @@
-"""Per-layer rules of a recipe: assign layers to rules (first match wins), then compress each
-rule's layers at its own budget and the rest at the default budget, from one calibration."""
+"""Per-layer rules of a recipe: assign layers to rules (first match wins); the Job that
+compresses each rule's layers at its own budget and the rest at the default budget."""
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
-import torch
 from torch import nn
 
 from ..errors import ConfigError
+from .pipeline import Job
 from .recipe import CompressSection, Rule, to_config
-from .report import CompressionReport
 
 
 def assign(model: nn.Module, section: CompressSection) -> tuple[list[tuple[Rule, list[str]]], list[str]]:
@@ -41,50 +40,17 @@ def assign(model: nn.Module, section: CompressSection) -> tuple[list[tuple[Rule,
     return groups, [n for n in rest if n not in taken]
 
 
-def compress_recipe(model: nn.Module, section: CompressSection, data: Any, *, batch_size: int = 32,
-                    device: str | torch.device = "cpu", progress: Callable[[str, Any], None] | None = None,
-                    assigned: tuple[list[tuple[Rule, list[str]]], list[str]] | None = None) -> CompressionReport:
-    """Compress ``model`` in place per the recipe's [compress] section and rules (``assigned``:
-    the result of :func:`assign` when the caller already checked the rules)."""
-    from dataclasses import replace
-
-    from .pipeline import compress_, gather
-    if not section.rules:  # exactly what `lrcompress compress` does with the same options
-        return compress_(model, to_config(section), data, batch_size=batch_size, device=device, progress=progress)
+def recipe_job(model: nn.Module, section: CompressSection, recovery: Any = None,
+               assigned: tuple[list[tuple[Rule, list[str]]], list[str]] | None = None) -> Job:
+    """The Job a recipe's [compress] section (and its RecoveryConfig) describes: without rules,
+    exactly what ``lrcompress compress`` does with the same options; with rules, one group per
+    rule with a budget plus the default group (``assigned``: :func:`assign`'s result when the
+    caller already checked the rules)."""
+    if not section.rules:
+        return Job([to_config(section)], recovery)
     groups, rest = assigned or assign(model, section)
-    work = [(to_config(section, rule, tuple(names)), rule) for rule, names in groups if not rule.dense]
+    work = [(to_config(section, rule, tuple(names)), rule.match) for rule, names in groups if not rule.dense]
     if rest:
         work.append((to_config(section, None, tuple(rest)), None))
-    if not work:
-        raise ConfigError("every rule of the recipe keeps its layers dense and no layer is left for [compress]; "
-                          "give a rule a budget or drop the dense rules")
-    calib = None
-    if data is not None:  # one calibration for every group (with the latency inputs if a group needs them)
-        union = tuple(n for cfg, _ in work for n in cfg.targets)
-        base = next((cfg for cfg, _ in work if cfg.latency is not None), work[0][0])
-        calib = gather(model, replace(base, targets=union, exclude=()), data, batch_size=batch_size, device=device,
-                       progress=(lambda x: progress("calibrate", x)) if progress else None)
-    reports = [compress_(model, cfg, calib, batch_size=batch_size, device=device, progress=progress)
-               for cfg, _ in work]
-    return merge(reports, [rule for _, rule in work], [(rule, names) for rule, names in groups if rule.dense])
-
-
-def merge(reports: list[CompressionReport], rules: list[Rule | None],
-          dense: list[tuple[Rule, list[str]]]) -> CompressionReport:
-    """One report for several groups compressed one after the other on the same model."""
-    first, last = reports[0], reports[-1]
-    seconds: dict[str, float] = {}
-    for r in reports:
-        for k, v in r.seconds.items():
-            seconds[k] = seconds.get(k, 0.0) + v
-    layers = [l for r in reports for l in r.layers]
-    config = {"groups": [dict(r.config, rule=(rule.match if rule else None)) for r, rule in zip(reports, rules)],
-              "dense_rules": [{"match": rule.match, "layers": names} for rule, names in dense]}
-    plan_layers = [l for r in reports for l in r.plan.get("layers", [])]
-    plan = {"config": config, "params_model": first.plan.get("params_model"),
-            "params_after": last.plan.get("params_after"), "layers": plan_layers}
-    merged = CompressionReport(layers=layers, params_before=first.params_before, params_after=last.params_after,
-                               bytes_before=first.bytes_before, bytes_after=last.bytes_after, seconds=seconds,
-                               calibration=first.calibration, config=config, plan=plan)
-    merged.stats = first.stats
-    return merged
+    return Job([cfg for cfg, _ in work], recovery, [label for _, label in work],
+               [(rule.match, names) for rule, names in groups if rule.dense])

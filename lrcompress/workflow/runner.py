@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import time
 from pathlib import Path
@@ -96,21 +95,24 @@ def run_recipe(recipe: Recipe, out: str | Path, *, overwrite: bool = False, trus
     with atomic_folder(out, overwrite) as tmp:
         student = model
         if recipe.compress is not None:
-            from .rules import compress_recipe
+            from .pipeline import run
+            from .rules import recipe_job
             say("compress", "calibrate, plan, factorize")
-            student = copy.deepcopy(model).to(recipe.compress.device)
-            crep = compress_recipe(student, recipe.compress, calib, batch_size=d.batch_size,
-                                   device=recipe.compress.device, assigned=assigned)
+            train = open_data(train_path, loaded.tokenizer, rec.config.max_length) if rec and train_path else None
+            rev = open_data(rec_eval_path, loaded.tokenizer, rec.config.max_length) if rec and rec_eval_path else None
+
+            def recover_with(student: Any, teacher: Any, data: Any, config: Any, stats: Any) -> Any:
+                from ..recovery.train import recover
+                say("recover", f"{config.steps} steps")
+                return recover(student, teacher, data, config, eval_data=rev, calibration=stats,
+                               device=recipe.compress.device)
+
+            job = recipe_job(model, recipe.compress, rec.config if rec else None, assigned)
+            student, crep, rrep = run(model, job, calib, recovery_data=train, batch_size=d.batch_size,
+                                      device=recipe.compress.device, recover_with=recover_with)
             crep.source, crep.output = recipe.source, str(Path(out) / "model")
             extra: dict[str, str] = {}
-            if rec is not None:
-                from ..recovery.train import recover
-                say("recover", f"{rec.config.steps} steps")
-                train = open_data(train_path, loaded.tokenizer, rec.config.max_length) if train_path else calib
-                rev = open_data(rec_eval_path, loaded.tokenizer, rec.config.max_length) if rec_eval_path else None
-                rrep = recover(student, model, train, rec.config, eval_data=rev, calibration=crep.stats,
-                               device=recipe.compress.device)
-                crep.add_recovery(rrep, student)
+            if rrep is not None:
                 extra["recovery.json"] = rrep.to_json() + "\n"
             extra["report.json"] = crep.to_json() + "\n"
             student = student.cpu()

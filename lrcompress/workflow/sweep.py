@@ -8,10 +8,14 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-from ..config import METHODS
+from ..methods import registry
 from ..errors import ConfigError
 
-QUANTS = ("none", "int8")
+
+def quantizations() -> tuple[str, ...]:
+    """The sweep's ``--quantize`` values: none, and the exporters' transforms of an ONNX file (int8)."""
+    import exporters
+    return ("none", *(t for t in exporters.transform_names() if exporters.get_exporter(t).derives_from == "onnx"))
 
 
 def check_sweep(ratios: str, methods: str, quantize: str) -> tuple[list[float], list[str], list[str]]:
@@ -29,8 +33,8 @@ def check_sweep(ratios: str, methods: str, quantize: str) -> tuple[list[float], 
             raise ConfigError(f"--ratios entry {r} is outside (0, 1); it is the fraction of params kept (the original "
                               "is always measured), e.g. 0.5")
         out.append(v)
-    ms = _choices("--methods", methods, METHODS, "svd-whiten,svd")
-    qs = _choices("--quantize", quantize, QUANTS, "none,int8")
+    ms = _choices("--methods", methods, registry.names(), "svd-whiten,svd")
+    qs = _choices("--quantize", quantize, quantizations(), "none,int8")
     return sorted(set(out), reverse=True), ms, qs
 
 
@@ -77,16 +81,16 @@ def run_sweep(loaded: Any, calib: Any, held: Any, ratios: list[float], methods: 
         work.mkdir(parents=True, exist_ok=True)
         model = loaded.model.eval()
         example = example_inputs(loaded.tokenizer, None, max_length=max_length) if loaded.tokenizer is not None else \
-            {k or "input": v for k, v in next(held.batches(1)).inputs.items()}
-        ref_path = exporters.export_onnx(model, example, work / "original.onnx").path
+            dict(next(held.batches(1)).inputs)
+        onnx = exporters.get_exporter("onnx")  # an ONNX sweep: every point runs on ONNX Runtime
+        ref_path = onnx.export_with_info(model, example, work / onnx.file_name("original")).path
         reference = ReferenceCache(ref_path)  # the original's outputs and latency are measured once
         params0 = sum(p.numel() for p in model.parameters())
 
         def measure(label: str, method: str, ratio: float, quant: str, path: Path, params: int) -> None:
-            if quant == "int8":
-                q = path.with_name(path.stem + ".int8.onnx")
-                exporters.quantize_int8(path, q)
-                path = q
+            if quant != "none":  # a transform of the ONNX file (int8)
+                transform = exporters.get_exporter(quant)
+                path = transform.derive(path, path.with_name(transform.file_name(path.stem))).path
             rep = validate(str(path), model, "original", held, threads=threads, batch_size=1, max_length=max_length,
                            runs=runs, reference_cache=reference)
             out = next(iter(rep.outputs.values()))
@@ -101,7 +105,7 @@ def run_sweep(loaded: Any, calib: Any, held: Any, ratios: list[float], methods: 
             say(f"{label:28} {point['bytes'] / 1e6:8.2f} MB  p50 {point['p50_ms']:7.2f} ms  cos {point['cos_mean']:.4f}")
 
         for quant in quants:
-            measure("original" + (" + int8" if quant == "int8" else ""), "original", 1.0, quant, ref_path, params0)
+            measure("original" + (f" + {quant}" if quant != "none" else ""), "original", 1.0, quant, ref_path, params0)
         stats_by_targets: dict[tuple[str, ...], Any] = {}
         for method in methods:
             mcfg = method_config(method)
@@ -112,10 +116,11 @@ def run_sweep(loaded: Any, calib: Any, held: Any, ratios: list[float], methods: 
                     say(f"calibrating {len(names)} layers")
                     stats_by_targets[names] = gather(model, cfg, calib, batch_size=batch_size)
                 student, crep = compress(model, cfg, stats_by_targets.get(names))
-                path = exporters.export_onnx(student.eval(), example, work / f"{method}-{ratio:g}.onnx").path
+                stem = f"{method}-{ratio:g}"
+                path = onnx.export_with_info(student.eval(), example, work / onnx.file_name(stem)).path
                 for quant in quants:
-                    measure(f"{method} {ratio:g}" + (" + int8" if quant == "int8" else ""), method, ratio, quant, path,
-                            crep.params_after)
+                    measure(f"{method} {ratio:g}" + (f" + {quant}" if quant != "none" else ""), method, ratio, quant,
+                            path, crep.params_after)
     pareto(points)
     return points
 
@@ -145,7 +150,8 @@ def pareto_plot(points: list[dict[str, Any]], path: str, title: str = "") -> Non
     xs = [p["bytes"] / 1e6 for p in points]
     ys = [max(p["drift"], floor) for p in points]
     cs = [p["p50_ms"] for p in points]
-    markers = {"original": "*", "svd": "s", "svd-whiten": "o"}
+    shapes = ("s", "o", "^", "v", "P", "X", "<", ">")  # one per registered method, in registry order
+    markers = {"original": "*", **{m: shapes[i % len(shapes)] for i, m in enumerate(registry.names())}}
     sc = None
     for p, x, y, c in zip(points, xs, ys, cs):
         m = markers.get(p["method"], "D")
