@@ -234,6 +234,9 @@ def _rule(i: int, t: Any) -> Rule:
     if not d.get("dense") and len(budgets) != 1:
         raise ConfigError(f"recipe {where} (match {d['match']!r}) has budgets {budgets or 'none'}: give exactly one "
                           "of rank, ratio, energy (or dense = true)")
+    if "method" in d and d["method"] not in registry.names():
+        raise ConfigError(f"recipe {where} (match {d['match']!r}): method {d['method']!r} is not one of "
+                          f"{', '.join(registry.names())}; pick one of them")
     return Rule(**d)
 
 
@@ -280,6 +283,9 @@ def parse_recipe(doc: dict[str, Any], base: str = ".") -> Recipe:
             d["rank"] = tuple(d["rank"])
         # values (method, ranges) are checked now, not after loading the model
         comp = CompressSection(CompressConfig(method=method_config(method, **opts), **d), rules, device)
+        for rule in rules:  # each rule's method and budget, before the model is loaded
+            if not rule.dense:
+                to_config(comp, rule, (rule.match,))
     rec = None
     if "recovery" in doc:
         r = dict(_check_table("[recovery]", doc["recovery"], [f.name for f in fields(RecoveryConfig)]
