@@ -13,8 +13,9 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from ..io.data import Batch
 from ..errors import DataError
+from ..io.data import Batch
+from ..planning.targets import check_finite
 
 
 @dataclass
@@ -85,7 +86,6 @@ def calibrate(
 ) -> Calibration:
     """Run ``batches`` through ``model`` once and collect statistics for modules ``names``.
     NaN/Inf parameters or buffers are refused first (WeightError naming the first one)."""
-    from ..planning.targets import check_finite
     check_finite(model)
     modules = dict(model.named_modules())
     calib = Calibration()

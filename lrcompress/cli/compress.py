@@ -19,8 +19,8 @@ from .common import (
     cli,
     is_writer,
     need_matplotlib,
-    parse_number,
     parse_budget,
+    parse_number,
     parse_rank,
     parse_tt_shape,
     progress_bar,
@@ -87,12 +87,12 @@ def compress(source: str, output: str | None, weights: str | None, trust_pickle:
     (optionally followed by LoRA residual recovery, --recover-steps)."""
     import torch
 
-    from ..io.checkpoint import check_output, save
     from ..config import CompressConfig, method_config
+    from ..io.checkpoint import check_output, save
     from ..io.data import open_data
-    from ..workflow.pipeline import Job, plan, run
-    from ..planning.make_plan import plan_table
     from ..io.sources import resolve
+    from ..planning.make_plan import plan_table
+    from ..workflow.pipeline import Job, plan, run
 
     method = method or registry.matrix_method(bool(calib)).name
     extra: dict[str, Any] = {}
@@ -228,9 +228,9 @@ def inspect(source: str, weights: str | None, trust_pickle: bool, trust_code: bo
     from ..calibration.calibrate import calibrate
     from ..config import CompressConfig
     from ..io.data import open_data
-    from ..planning.inspection import inspect as run_inspect
     from ..io.sources import resolve
     from ..methods.kinds import LAYER_KINDS
+    from ..planning.inspection import inspect as run_inspect
     from ..planning.targets import select_targets
 
     r = parse_number("--ratio", ratio, float)
@@ -255,9 +255,9 @@ def inspect(source: str, weights: str | None, trust_pickle: bool, trust_code: bo
         with atomic_file(plot) as tmp:
             rep.plot(tmp)
     if suggest_recipe is not None:
+        from ..workflow.pipeline import plan
         from ..workflow.recipe_write import suggest_recipe as suggest
         from ..workflow.recipe_write import write_recipe
-        from ..workflow.pipeline import plan
         p = plan(loaded.model, CompressConfig(ratio=r, targets=targets, exclude=exclude), data, batch_size=batch_size)
         suggestion = suggest(source, weights, calib, max_length, calib_samples, batch_size, p)
         if suggest_recipe == "-":

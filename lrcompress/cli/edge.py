@@ -42,8 +42,8 @@ def export(source: str, targets: tuple, output: str | None, fp16: bool, fp32: bo
     """Export SOURCE (a compressed folder or any model source) to edge formats."""
     from pathlib import Path
 
-    from ..io.checkpoint import check_output
     from ..edge.artifacts import example_inputs, export_all, export_table, target_names
+    from ..io.checkpoint import check_output
     from ..io.sources import resolve
 
     if not targets:
@@ -93,11 +93,11 @@ def validate(candidate: str, reference: str, data_path: str, runtime: str | None
              json_file: str | None, overwrite: bool, quiet: bool) -> None:
     """Compare CANDIDATE with --reference on real data: drift, latency, size; exit 1 if a gate fails."""
 
-    from ..io.data import open_data
-    from ..paths import write_text
-    from ..io.sources import resolve
     from ..edge.validate import check_gates, check_timing
     from ..edge.validate import validate as run_validate
+    from ..io.data import open_data
+    from ..io.sources import resolve
+    from ..paths import write_text
 
     gates = check_gates({
         "max_cosine_drift": parse_number("--max-cosine-drift", max_cosine_drift, float),

@@ -9,7 +9,14 @@ import click
 
 from ..errors import ConfigError
 from ..methods import registry
-from .common import apply_options, calib_options, check_paths, cli, need_matplotlib, source_options
+from .common import (
+    apply_options,
+    calib_options,
+    check_paths,
+    cli,
+    need_matplotlib,
+    source_options,
+)
 
 
 @cli.command()

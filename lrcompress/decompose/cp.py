@@ -25,8 +25,6 @@ from ..errors import ConfigError, WeightError
 from .tucker import few_threads
 
 
-
-
 @dataclass(frozen=True)
 class CPFactors:
     """Factors for ``CPConv2d.from_factors(first, vertical, horizontal, last, bias, ...)``.

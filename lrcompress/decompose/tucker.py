@@ -34,7 +34,6 @@ from ..errors import ConfigError, WeightError
 from ..scoped import torch_threads
 from .whiten import gram_root
 
-
 SMALL_WORK = 1 << 26  # multiply-accumulates per sweep below which one thread is fastest
 
 

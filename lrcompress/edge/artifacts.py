@@ -6,12 +6,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import exporters
 import torch
-from exporters import EncoderForCoreML, coreml_view
 from torch import nn
 
+import exporters
+from exporters import EncoderForCoreML, coreml_view
+
 from ..errors import ConfigError
+from ..io.checkpoint import atomic_folder
+from ..io.data import read_tensors
 from ..planning.targets import check_finite
 
 __all__ = ["EncoderForCoreML", "SAMPLE_SENTENCE", "coreml_view", "example_inputs", "export_all",
@@ -41,7 +44,6 @@ def example_inputs(tokenizer: Any | None, inputs_file: str | None = None, *, sen
     """Named example inputs: the tokenizer on a sample sentence, or the first example of a
     tensor file (.npy/.npz/.safetensors); one positional array is named ``input``."""
     if inputs_file is not None:
-        from ..io.data import read_tensors
         batch = next(read_tensors(inputs_file).batches(1))
         return dict(batch.inputs)
     if tokenizer is None:
@@ -57,7 +59,6 @@ def export_all(model: nn.Module, inputs: dict[str, torch.Tensor], out: str | Pat
     """Write the artifacts of ``targets`` (``model.onnx``, ``model.ort``, ``model.mlpackage``...; with
     ``quantize`` also ``model.int8.onnx``, from which the .ort is then converted) into ``out``; returns one
     row per artifact (target, path, bytes, seconds, the exporter's details) in the registry's chain order."""
-    from ..io.checkpoint import atomic_folder
 
     valid = target_names()
     bad = [t for t in targets if t not in valid]

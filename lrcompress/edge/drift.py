@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+
 from exporters.compare import OutputComparison, non_finite_examples
 
 from ..errors import DataError

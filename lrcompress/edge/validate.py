@@ -11,17 +11,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-import exporters
 import numpy as np
 import torch
-from exporters import OutputComparison, Runner, TorchRunner
 from torch import nn
 
+import exporters
+from exporters import OutputComparison, Runner, TorchRunner
+
 from ..errors import ConfigError, DataError
+from ..io.checkpoint import MANIFEST, load, versions
 from ..io.data import TensorData, TextData, is_positional
+from ..workflow.report import param_bytes
 from .artifacts import size_of
 from .drift import check_reference, common_outputs, compare, summarize
-from .gates import FINITE_GATE, GATES, ValidationReport, apply_gates, check_gates, check_timing
+from .gates import (
+    FINITE_GATE,
+    GATES,
+    ValidationReport,
+    apply_gates,
+    check_gates,
+    check_timing,
+)
 
 __all__ = ["FINITE_GATE", "GATES", "TORCH_RUNTIMES", "ReferenceCache", "TorchRunner", "ValidationReport", "apply_gates",
            "check_gates", "check_timing", "feeds", "latency_feed", "model_runner", "runtimes", "select", "validate"]
@@ -97,7 +107,6 @@ def validate(candidate: str, reference: nn.Module, reference_name: str, data: Te
     """Compare ``candidate`` with ``reference`` on ``data`` in ``runtime`` and apply ``gates``.
     ``reference_cache``: the reference exported once, its outputs and latency kept across calls
     with the same data and settings (a sweep)."""
-    from ..io.checkpoint import MANIFEST, load, versions
     if threads < 1:
         raise ConfigError(f"--threads {threads} must be >= 1; e.g. --threads 1")
     if batch_size < 1:
@@ -189,7 +198,6 @@ def model_runner(model: nn.Module, runtime: str, example: dict[str, torch.Tensor
     model is exported into ``folder`` (as ``stem`` + suffix) by the registry's exporter for that runtime and
     the runner loads that artifact, whose bytes count."""
     if runtime == "torch":
-        from ..workflow.report import param_bytes
         return TorchRunner(model, threads), param_bytes(model)
     exp = exporters.exporter_for_runtime(runtime)
     path = exp.export_with_info(model, example, folder / exp.file_name(stem)).path

@@ -15,6 +15,7 @@ from torch import nn
 from ..errors import CheckpointError, SourceError
 from ..methods import registry
 from ..paths import atomic_folder, check_output
+from .architecture import build_architecture, check_safetensors, quiet_hf
 
 __all__ = ["FORMAT", "MANIFEST", "WEIGHTS", "PICKLED", "atomic_folder", "check_output", "factorized_layers",
            "load", "read_manifest", "save", "versions"]
@@ -176,7 +177,6 @@ def load(folder: str | Path, *, trust_pickle: bool = False, trust_code: bool = F
     every manifest entry is checked against the weights file before anything is allocated.
     Returns ``(model, tokenizer)``, or ``(model, tokenizer, manifest)`` with ``with_manifest``.
     """
-    from .architecture import build_architecture, check_safetensors
 
     p = Path(folder)
     manifest = read_manifest(p)
@@ -214,7 +214,6 @@ def load(folder: str | Path, *, trust_pickle: bool = False, trust_code: bool = F
     if spec.get("kind") == "hf" and (p / "tokenizer_config.json").is_file():
         from transformers import AutoTokenizer
 
-        from .architecture import quiet_hf
         with quiet_hf():
             tokenizer = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
     return (model, tokenizer, manifest) if with_manifest else (model, tokenizer)

@@ -15,15 +15,16 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import SourceError, WeightError
 from .architecture import (  # noqa: F401  (build_architecture: re-exported for older imports)
-    hf_model_class,
     build_architecture,
     call_factory,
     check_safetensors,
+    hf_model_class,
     quiet_hf,
     zoo_model,
 )
-from ..errors import SourceError, WeightError
+from .checkpoint import load
 
 MANIFEST = "lrcompress.json"
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt")
@@ -162,7 +163,6 @@ def _resolve(source: str, trust_pickle: bool, trust_code: bool) -> Loaded:
     p = Path(source)
     if p.is_dir():
         if (p / MANIFEST).is_file():
-            from .checkpoint import load
             model, tok, manifest = load(p, trust_pickle=trust_pickle, trust_code=trust_code, with_manifest=True)
             side = {f: p / f for f in HF_SIDE_FILES if (p / f).is_file()}
             return Loaded(model, tok, dict(manifest["source"], kind="lrcompress",

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import ConfigError
 from ..decompose import Metric, Spectrum
+from ..errors import ConfigError
 
 
 class SharedBasisLinear(nn.Module):

@@ -14,7 +14,15 @@ from torch import nn
 from ..errors import ConfigError
 from .base import Choice, Factorized, Method
 from .kinds import layer_matrix
-from .shared import SharedBasisLinear, build_group, build_shared_shell, group_rank, group_spectrum, role_groups, shared_info
+from .shared import (
+    SharedBasisLinear,
+    build_group,
+    build_shared_shell,
+    group_rank,
+    group_spectrum,
+    role_groups,
+    shared_info,
+)
 from .svd_whiten import WhitenedSVDConfig
 
 if TYPE_CHECKING:

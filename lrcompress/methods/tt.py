@@ -12,8 +12,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from ..decompose.tt import (balanced_split, tt_flops, tt_full_ranks, tt_matrix, tt_max_rank_for_params,
-                            tt_params)
+from ..decompose.tt import (
+    balanced_split,
+    tt_flops,
+    tt_full_ranks,
+    tt_matrix,
+    tt_max_rank_for_params,
+    tt_params,
+)
 from ..errors import ConfigError
 from .base import Choice, Factorized, Method
 from .svd_whiten import WhitenedSVDConfig

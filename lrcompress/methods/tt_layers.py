@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..decompose.tt import tt_to_matrix
+
 __all__ = ["TTLinear", "tt_shell_info", "build_tt_shell"]
 
 KIND = "tt_linear"
@@ -100,7 +102,6 @@ class TTLinear(nn.Module):
 
     def dense_weight(self) -> torch.Tensor:
         """The (out, in) weight this module represents (in_scale folded in)."""
-        from ..decompose.tt import tt_to_matrix
         w = tt_to_matrix([c.transpose(1, 2) for c in self.cores])[: self.out_features, : self.in_features]
         return w if self.in_scale is None else w * self.in_scale[None, :]
 

@@ -8,9 +8,10 @@ from typing import TYPE_CHECKING, Callable
 
 from torch import nn
 
+from ..calibration.sensitivity import measure
 from ..config import CompressConfig
+from ..decompose import Spectrum, factorize
 from ..errors import ConfigError
-from ..decompose import Spectrum
 from .targets import layer_matrix, module_weight
 
 if TYPE_CHECKING:
@@ -20,8 +21,6 @@ if TYPE_CHECKING:
 def sensitivities(model: nn.Module, plan: Plan, layers: list[LayerPlan], ranks: dict[str, int],
                    probe: list, progress: Callable[[str], None] | None) -> dict[str, float]:
     """Measured output sensitivity of each layer in ``ranks``, probed at that rank."""
-    from ..decompose import factorize
-    from ..calibration.sensitivity import measure
 
     probes = {}
     for l in layers:

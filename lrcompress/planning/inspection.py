@@ -12,7 +12,9 @@ from torch import nn
 from ..calibration.calibrate import Calibration
 from ..config import CompressConfig
 from ..methods import registry
+from ..scoped import figure
 from .make_plan import make_plan
+from .targets import factorizable
 
 
 @dataclass
@@ -60,7 +62,6 @@ class InspectReport:
 
     def plot(self, path: str | Path) -> Path:
         """Normalized spectra (energy share per rank, log scale), one line per layer."""
-        from ..scoped import figure
         fig = figure(figsize=(8, 5))
         ax = fig.subplots()
         for name, s in self.spectra.items():
@@ -79,7 +80,6 @@ class InspectReport:
 def inspect(model: nn.Module, calibration: Calibration | None = None, *, ratio: float = 0.5,
             targets: tuple[str, ...] = (), exclude: tuple[str, ...] = ()) -> InspectReport:
     """Per-layer break-even, energy ranks and the uniform rank a ``ratio`` gives."""
-    from .targets import factorizable
 
     method = registry.matrix_method(calibration is not None).config()
     if not targets:  # every factorizable layer, convs included

@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-from .hull import hull as _hull, hull_greedy
+from .hull import hull as _hull
+from .hull import hull_greedy
 
 OPSET = 18
 IR_VERSION = 9  # accepted by onnxruntime >= 1.16

@@ -15,6 +15,13 @@ from torch import nn
 from ..config import CompressConfig
 from ..errors import ConfigError
 from ..io.data import Batch
+from .latency_model import (
+    allocate_latency,
+    default_cache_path,
+    interpolate,
+    matmul_costs,
+    rank_grid,
+)
 
 
 def layer_rows(model: nn.Module, names: list[str], example: dict[str, torch.Tensor]) -> dict[str, int]:
@@ -67,7 +74,6 @@ def latency_ranks(model: nn.Module, active: list[Any], spectra: dict[str, Any], 
                   config: CompressConfig, example: dict[str, torch.Tensor] | None,
                   cache: str | Path | None = None) -> tuple[dict[str, int | None], dict[str, str], dict[str, Any]]:
     """(rank or None per layer, reason per dense layer, summary) for ``config.latency``."""
-    from .latency_model import allocate_latency, default_cache_path, interpolate, matmul_costs, rank_grid
     if example is None:
         raise ConfigError("--budget latency needs calibration data to build a latency input; pass --calib FILE")
     threads, int8 = config.latency_threads, config.latency_int8

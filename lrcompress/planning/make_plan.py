@@ -21,8 +21,16 @@ from ..methods import registry
 from ..methods.base import Method
 from .allocation import allocate, budget_for, budget_fraction, mn, sensitivities
 from .hull import hull, hull_greedy
+from .latency_plan import latency_ranks, probe_fraction
 from .plan_types import LayerPlan, Plan, break_even_rank, plan_table  # noqa: F401  (re-exported)
-from .targets import check_finite, explicit_target, layer_kind, layer_matrix, select_targets, tied_weights
+from .targets import (
+    check_finite,
+    explicit_target,
+    layer_kind,
+    layer_matrix,
+    select_targets,
+    tied_weights,
+)
 
 
 def layer_metric(mod: nn.Module, name: str, calib: Calibration | None, smoothing: float) -> Metric | None:
@@ -82,7 +90,7 @@ def make_plan(model: nn.Module, config: CompressConfig, calib: Calibration | Non
             refused = None if taker is None else (taker.refusal(mod, config) if explicit else taker.unsupported(mod, config))
             if taker is None:
                 takers = " or ".join(c.name for c in candidates if c.takes(mod, config))
-                lp.reason = why or f"kxk conv: only --method {takers or 'of another kind'} factorizes it"
+                lp.reason = why or f"kxk conv: only --method {takers or 'of another kind'} factorize it"
             elif name in tied:
                 lp.reason = f"weight tied with {tied[name]}: kept dense"
             elif refused is not None:  # the method cannot take this layer: dense, outside the budget
@@ -193,7 +201,6 @@ def _plan_matrix(model: nn.Module, plan: Plan, active: list[LayerPlan], config: 
     if (config.allocate == "global" and (config.ratio is not None or latency) and config.probe_passes > 0
             and calib is not None and calib.probe):
         if latency:
-            from .latency_plan import probe_fraction
             frac = probe_fraction(config)
         elif budget is None:
             _, frac = budget_for(active, config, params_model)
@@ -211,7 +218,6 @@ def _plan_matrix(model: nn.Module, plan: Plan, active: list[LayerPlan], config: 
             lp.sensitivity = weights[lp.name]
     reasons: dict[str, str] = {}
     if latency and active:
-        from .latency_plan import latency_ranks
         example = calib.latency_inputs if calib is not None else None
         ranks, reasons, plan.latency = latency_ranks(model, active, plan.spectra, weights, config, example)
     else:

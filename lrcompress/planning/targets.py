@@ -11,11 +11,14 @@ from torch import nn
 
 from ..errors import ConfigError, WeightError
 from ..methods import registry
-from ..methods.kinds import (MATRIX_KINDS, is_conv1x1, is_kxk_conv, layer_kind, layer_matrix,  # noqa: F401  (re-exported)
-                             module_weight)
-
-
-
+from ..methods.kinds import (  # noqa: F401  (re-exported)
+    MATRIX_KINDS,
+    is_conv1x1,
+    is_kxk_conv,
+    layer_kind,
+    layer_matrix,
+    module_weight,
+)
 
 KIND_TEXT = {"linear": "Linear", "embedding": "Embedding", "conv1x1": "Conv2d", "conv": "Conv2d"}
 

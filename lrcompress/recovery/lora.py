@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..methods.layers import LowRankConv1x1, LowRankEmbedding, LowRankLinear
 from ..decompose.lowrank import Metric, factorize, spectrum
+from ..methods.apply import set_module
+from ..methods.layers import LowRankConv1x1, LowRankEmbedding, LowRankLinear
 
 MATRIX_LAYERS = (LowRankLinear, LowRankConv1x1, LowRankEmbedding)
 
@@ -149,7 +150,6 @@ def balance(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
 
 def attach(model: nn.Module, names: list[str]) -> dict[str, LoRA]:
     """Wrap the named two-factor layers in empty adapters (in place)."""
-    from ..methods.apply import set_module
     out = {}
     for name in names:
         lora = LoRA(model.get_submodule(name))
@@ -160,7 +160,6 @@ def attach(model: nn.Module, names: list[str]) -> dict[str, LoRA]:
 
 def detach_all(model: nn.Module, ranks: dict[str, int | None], metrics: dict[str, Metric | None]) -> None:
     """Fold every adapter in ``model`` (in place); ``ranks[name]`` None = exact fold."""
-    from ..methods.apply import set_module
     for name, mod in list(model.named_modules()):
         if isinstance(mod, LoRA):
             set_module(model, name, fold(mod, ranks.get(name), metrics.get(name)))

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..scoped import figure
+
 
 @dataclass
 class RecoveryReport:
@@ -48,7 +50,6 @@ class RecoveryReport:
         return "\n".join(rows)
 
     def plot(self, path: str | Path) -> None:
-        from ..scoped import figure
         fig = figure(figsize=(9, 3.5))
         ax = fig.subplots(1, 2)
         tr = [c for c in self.curve if "train_loss" in c]

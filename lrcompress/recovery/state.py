@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from ..config import RecoveryConfig
-from ..io.data import TextData
 from ..errors import CheckpointError, ConfigError
+from ..io.data import TextData
 from .lora import LoRA, factors
 from .report import RecoveryReport
 from .train_data import Data

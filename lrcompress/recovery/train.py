@@ -18,15 +18,34 @@ from torch import nn
 
 from ..calibration.calibrate import Calibration, calibrate
 from ..config import RecoveryConfig
-from ..io.data import Batch, TextData
-from .distill import example_cosine, loss_terms, main_output, ortho_penalty, per_example_loss
-from ..io.distributed import all_min, all_sum, dist_info, init_distributed
-from ..errors import CheckpointError, ConfigError, TrainingError
-from .lora import MATRIX_LAYERS, LoRA, attach, balance, detach_all, factors, residual_chunk, set_factors, zero_chunk
 from ..decompose.lowrank import Metric
+from ..errors import CheckpointError, ConfigError, TrainingError
+from ..io.checkpoint import factorized_layers
+from ..io.data import Batch, TextData
+from ..io.distributed import all_min, all_sum, dist_info, init_distributed
+from ..methods.apply import set_module
+from ..planning.make_plan import layer_metric
+from ..planning.targets import layer_matrix
+from .distill import (
+    example_cosine,
+    loss_terms,
+    main_output,
+    ortho_penalty,
+    per_example_loss,
+)
+from .lora import (
+    MATRIX_LAYERS,
+    LoRA,
+    attach,
+    balance,
+    detach_all,
+    factors,
+    residual_chunk,
+    set_factors,
+    zero_chunk,
+)
 from .report import RecoveryReport
 from .state import fingerprint, load_state, restore, save_state, snapshot
-from ..planning.targets import layer_matrix
 from .train_data import Data, fixed_batches, make_batch, replace_tokens, split_data
 
 __all__ = ["RecoveryConfig", "RecoveryReport", "check_reference", "dist_info", "main_output", "ortho_penalty",
@@ -186,7 +205,6 @@ def _recover(student: nn.Module, teacher: nn.Module, data: Data, config: Recover
     if config.batch_size % world:
         raise ConfigError(f"--batch-size {config.batch_size} is not divisible by the {world} processes; use a "
                           f"multiple of {world}")
-    from ..io.checkpoint import factorized_layers
     layers = factorized_layers(student)
     names = list(layers)
     if not names:
@@ -217,7 +235,6 @@ def _recover(student: nn.Module, teacher: nn.Module, data: Data, config: Recover
         metrics = layer_metrics(teacher, matrix, train, calibration, config, device)
     # balanced gauge before training (Adam steps are scale-blind: an unbalanced pair moves
     # its small factor by a huge relative amount)
-    from ..methods.apply import set_module
     for n in matrix if config.balance else []:
         mod = student.get_submodule(n)
         new = set_factors(mod, *balance(*factors(mod))).to(device)
@@ -352,7 +369,6 @@ class _NaN(Exception):
 def layer_metrics(teacher: nn.Module, names: list[str], train: Data, calibration: Calibration | None,
                   config: RecoveryConfig, device: torch.device) -> dict[str, Metric | None]:
     """Input metrics of the factorized layers (from ``calibration`` or the teacher on ``train``)."""
-    from ..planning.make_plan import layer_metric
     missing = [n for n in names if calibration is None or n not in calibration]
     if missing:
         calibration = calibrate(teacher, train.batches(max(config.batch_size, 32)), missing, device=device)

@@ -7,8 +7,8 @@ from typing import Any
 
 import torch
 
-from ..io.data import Batch, TensorData, TextData
 from ..errors import DataError
+from ..io.data import Batch, TensorData, TextData
 
 Data = TextData | TensorData
 

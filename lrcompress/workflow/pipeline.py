@@ -10,14 +10,16 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 from torch import nn
 
-from ..methods import registry
-from ..methods.apply import apply_plan
 from ..calibration.calibrate import Calibration, calibrate
 from ..config import CompressConfig, RecoveryConfig
-from ..io.data import Batch, TensorData, TextData
+from ..edge.validate import latency_feed
 from ..errors import ConfigError
+from ..io.data import Batch, TensorData, TextData
+from ..methods import registry
+from ..methods.apply import apply_plan
 from ..planning.make_plan import Plan, make_plan
 from ..planning.targets import select_targets
+from ..recovery.train import recover
 from .report import CompressionReport, param_bytes
 
 CalibrationLike = Calibration | TextData | TensorData | Iterable[Batch] | None
@@ -53,7 +55,6 @@ def gather(model: nn.Module, config: CompressConfig, data: CalibrationLike, *, b
 
 def attach_latency_feed(calib: Calibration, data: TextData | TensorData, config: CompressConfig) -> None:
     """Inputs of the latency budget's shape (batch x sequence), named as the exporters name them."""
-    from ..edge.validate import latency_feed
     feed = latency_feed(data, config.latency_batch, config.latency_seq)
     calib.latency_inputs = {k: torch.from_numpy(v) for k, v in feed.items()}
 
@@ -148,7 +149,6 @@ def run(model: nn.Module, job: Job, calibration: CalibrationLike = None, *, teac
             raise ConfigError("recovery needs training data as TextData or TensorData; pass recovery_data=")
         stats = report.stats if report is not None else None
         if recover_with is None:
-            from ..recovery.train import recover
             rep = recover(student, teacher, train, job.recovery, eval_data=eval_data, calibration=stats, device=device)
         else:
             rep = recover_with(student, teacher, train, job.recovery, stats)

@@ -15,9 +15,10 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from ..config import RecoveryConfig
-from ..methods import registry
+from ..config import CompressConfig, RecoveryConfig, method_config
+from ..edge.validate import check_gates
 from ..errors import ConfigError
+from ..methods import registry
 from .schema import Spec, spec_of
 
 GATES = ("max_cosine_drift", "max_abs_error", "min_top1_agreement", "max_latency_ratio", "max_size_ratio")
@@ -209,7 +210,6 @@ def _method_option_names(method: str) -> list[str]:
 
 
 def _compress_spec() -> Spec:
-    from ..config import CompressConfig
     return {"method": (str, repr(registry.DEFAULT)), **spec_of(CompressConfig, skip=("method", "rank")),
             "device": (str, "'cpu'")}
 
@@ -276,7 +276,6 @@ def parse_recipe(doc: dict[str, Any], base: str = ".") -> Recipe:
             raise ConfigError("recipe [compress].rules must be an array of tables; write [[compress.rules]]")
         rules = tuple(_rule(i, t) for i, t in enumerate(rules))
         opts = {k: (tuple(tuple(x) for x in v) if k == "tt_shape" else v) for k, v in c.items() if k in opt_names}
-        from ..config import CompressConfig, method_config
         method = d.pop("method", registry.DEFAULT)
         device = d.pop("device", "cpu")
         if isinstance(d.get("rank"), list):  # a Tucker pair, written as a TOML list
@@ -315,7 +314,6 @@ def parse_recipe(doc: dict[str, Any], base: str = ".") -> Recipe:
         v = doc["validate"]
         _check_table("[validate]", v, list(_VALIDATE))
         val = ValidateSection(**_fields_of(v, "[validate]", _VALIDATE))
-        from ..edge.validate import check_gates
         for g, limit in val.gates.items():
             try:
                 check_gates({g: limit})
@@ -360,7 +358,6 @@ def to_config(c: CompressSection, rule: Rule | None = None, targets: tuple[str, 
     section's config with the rule's method and budget, over ``targets`` only."""
     if rule is None and targets is None:
         return c.config
-    from ..config import method_config
     m = c.config.method
     if rule is not None and rule.method and rule.method != m.name:
         given = {k: v for k, v in m.to_dict().items() if k != "name"}

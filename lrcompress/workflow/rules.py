@@ -8,6 +8,7 @@ from typing import Any
 from torch import nn
 
 from ..errors import ConfigError
+from ..planning.targets import _selected, check_pattern, factorizable, select_targets
 from .pipeline import Job
 from .recipe import CompressSection, Rule, to_config
 
@@ -15,7 +16,6 @@ from .recipe import CompressSection, Rule, to_config
 def assign(model: nn.Module, section: CompressSection) -> tuple[list[tuple[Rule, list[str]]], list[str]]:
     """(rule, its layers) in rule order, and the default group's layers. Every rule must
     match a factorizable layer that no earlier rule took."""
-    from ..planning.targets import _selected, check_pattern, factorizable, select_targets
     candidates = list(factorizable(model))
     taken: dict[str, int] = {}
     groups: list[tuple[Rule, list[str]]] = []

@@ -8,10 +8,18 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from ..edge.artifacts import example_inputs, export_all
+from ..edge.validate import validate
 from ..errors import ConfigError
+from ..io.checkpoint import atomic_folder, check_output, save
+from ..io.data import open_data
+from ..io.sources import resolve
 from ..methods import registry
+from ..recovery.train import recover
+from .pipeline import run
 from .recipe import ExportSection, Recipe, ValidateSection
 from .recipe_write import dump_recipe, write_recipe
+from .rules import assign, recipe_job
 
 Progress = Callable[[str, str], None]
 
@@ -56,9 +64,6 @@ def run_recipe(recipe: Recipe, out: str | Path, *, overwrite: bool = False, trus
     A recipe whose source is factory code runs it only with ``trust_code``."""
     import torch
 
-    from ..io.checkpoint import atomic_folder, check_output, save
-    from ..io.data import open_data
-    from ..io.sources import resolve
 
     say = progress or (lambda stage, msg: None)
     source = recipe.source_path()
@@ -87,7 +92,6 @@ def run_recipe(recipe: Recipe, out: str | Path, *, overwrite: bool = False, trus
     held = open_data(eval_path, loaded.tokenizer, d.max_length, d.eval_samples) if eval_path else None
     assigned = None
     if recipe.compress is not None and recipe.compress.rules:
-        from .rules import assign
         assigned = assign(loaded.model, recipe.compress)  # rule errors before any stage starts
     report: dict[str, Any] = {"recipe": _recipe_dict(recipe), "source": recipe.source}
     t_all = time.perf_counter()
@@ -95,14 +99,11 @@ def run_recipe(recipe: Recipe, out: str | Path, *, overwrite: bool = False, trus
     with atomic_folder(out, overwrite) as tmp:
         student = model
         if recipe.compress is not None:
-            from .pipeline import run
-            from .rules import recipe_job
             say("compress", "calibrate, plan, factorize")
             train = open_data(train_path, loaded.tokenizer, rec.config.max_length) if rec and train_path else None
             rev = open_data(rec_eval_path, loaded.tokenizer, rec.config.max_length) if rec and rec_eval_path else None
 
             def recover_with(student: Any, teacher: Any, data: Any, config: Any, stats: Any) -> Any:
-                from ..recovery.train import recover
                 say("recover", f"{config.steps} steps")
                 return recover(student, teacher, data, config, eval_data=rev, calibration=stats,
                                device=recipe.compress.device)
@@ -119,7 +120,6 @@ def run_recipe(recipe: Recipe, out: str | Path, *, overwrite: bool = False, trus
             save(student, tmp / "model", loaded.spec, plan=crep.plan, side_files=loaded.side_files, extra_files=extra)
             report["compression"] = crep.to_dict()
         if recipe.export is not None:
-            from ..edge.artifacts import example_inputs, export_all
             e = recipe.export
             say("export", ", ".join(e.to))
             inputs = example_inputs(loaded.tokenizer, None if loaded.tokenizer else (calib_path or eval_path),
@@ -132,7 +132,6 @@ def run_recipe(recipe: Recipe, out: str | Path, *, overwrite: bool = False, trus
             report["export"] = rows
         exit_code = 0
         if recipe.validate is not None:
-            from ..edge.validate import validate
             v = recipe.validate
             cand = candidate_path(tmp, v, recipe.export)
             say("validate", f"{cand.name} on {eval_path}")

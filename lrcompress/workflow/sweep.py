@@ -8,8 +8,14 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-from ..methods import registry
+from ..config import CompressConfig, method_config
+from ..edge.artifacts import example_inputs
+from ..edge.validate import ReferenceCache, validate
 from ..errors import ConfigError
+from ..methods import registry
+from ..planning.targets import select_targets
+from ..scoped import figure
+from .pipeline import compress, gather
 
 
 def quantizations() -> tuple[str, ...]:
@@ -68,11 +74,6 @@ def run_sweep(loaded: Any, calib: Any, held: Any, ratios: list[float], methods: 
     params, bytes, latency p50/p90 (batch 1), cosine mean/worst vs the original, drift."""
     import exporters
 
-    from ..config import CompressConfig, method_config
-    from ..edge.artifacts import example_inputs
-    from .pipeline import compress, gather
-    from ..planning.targets import select_targets
-    from ..edge.validate import ReferenceCache, validate
 
     say = progress or (lambda msg: None)
     points: list[dict[str, Any]] = []
@@ -142,7 +143,6 @@ def sweep_table(points: list[dict[str, Any]]) -> str:
 
 def pareto_plot(points: list[dict[str, Any]], path: str, title: str = "") -> None:
     """Size vs drift, latency as colour; int8-only and the original as reference markers."""
-    from ..scoped import figure
 
     fig = figure(figsize=(7, 4.5))
     ax = fig.subplots()
