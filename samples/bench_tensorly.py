@@ -1,7 +1,9 @@
 """Own numerics vs tensorly (PyTorch backend) for Tucker-2 / CP of Conv2d kernels and TT-matrix of Linear.
 
-Measurement only: it answers "does tensorly reproduce lrcompress/methods/{tucker,cp,tt}.py at
-the same ranks, in the same data-aware metric, and how fast?". Every tensorly call runs inside
+Measurement only: it answers "does tensorly reproduce lrcompress/decompose/{tucker,cp}.py and the
+library's former hand-written TT-SVD at the same ranks, in the same data-aware metric, and how
+fast?". (decompose/tt.py now calls tensorly's tensor_train_matrix itself; its former TT-SVD is kept
+below as ``ref_tt_svd``, only for this comparison.) Every tensorly call runs inside
 ``with tensorly.backend_context("pytorch"):`` (never a global ``set_backend``), float64.
 
 Metric (what tucker.py / cp.py optimise): with the channel Gram G = L L^T of the conv input
@@ -29,9 +31,13 @@ Iterations (fixed, no early stop, so both do the same number of sweeps):
             the UNwhitened kernel, Gaussian padding, seed 0); tensorly: parafac(Z, R, n_iter_max=N,
             init='svd', tol=0, random_state=0) (HOSVD init of Z, uniform [0,1) padding for the
             3-long spatial modes).
-  TT:       closed-form TT-SVD (no iterations). Own: tt_matrix(W, out_modes, in_modes, max_rank=r);
-            tensorly: tensor_train_matrix(W.reshape(*out_modes, *in_modes), rank=r). Error is the
-            plain relative Frobenius error (TT is weight-space in the library).
+  TT:       closed-form TT-SVD (no iterations). Own: ``ref_tt_svd`` below, the library's
+            hand-written float64 TT-SVD before the port (sequential SVDs, sign fix, cores) + its
+            dense matrix; tensorly: tensor_train_matrix(W.reshape(*out_modes, *in_modes), rank=r)
+            + tt_matrix_to_tensor. The note gives the library's tt_matrix(W, ..., max_rank=r) as
+            shipped now (tensorly inside, plus the balanced gauge and its three error figures, i.e.
+            end to end) and how far its cores are from the reference's. Error is the plain relative
+            Frobenius error (TT is weight-space in the library).
 
 Layers. Conv kernels are synthetic but structured like trained ones (no pretrained CNN with these
 shapes is available offline): W = sum_r s_r a_r o b_r o k_r with s_r ~ 1/r over 2*max(O, I) terms,
@@ -42,7 +48,7 @@ real all-MiniLM-L6-v2 layer-0 feed-forward weights (``lrcompress.resolve("minilm
 a synthetic decaying-spectrum matrix if that package is missing.
 
 Threads: torch.set_num_threads(--threads, default THREADS) for the whole run, restored afterwards. Note the library's
-own Tucker/CP drop to ONE thread internally for small work (methods/tucker.py ``few_threads``,
+own Tucker/CP drop to ONE thread internally for small work (decompose/tucker.py ``few_threads``,
 < 2**26 MACs per sweep); tensorly always uses the THREADS threads. Time = median of REPEATS runs,
 own and tensorly interleaved run by run.
 
@@ -68,6 +74,7 @@ tensorly 0.10 API notes for a port (checked against the installed source):
     a triangular solve after (see above). Nothing of this needs set_backend.
 
 Run from the repository root:  .venv/bin/python samples/bench_tensorly.py [--quick] [--no-512] [--threads N]
+[--only tucker|cp|tt ...]
 Takes ~2-3 min on an idle 2-core CPU. Multi-threaded timings are meaningless while other processes load
 the CPUs (OpenMP regions wait for descheduled workers): check the load averages printed at start/end.
 """
@@ -198,8 +205,34 @@ def tl_cp(w, gram, rank, sweeps):
     return approx, (None, float(comp.square().sum().sqrt() / w.norm()), sweeps)
 
 
+def ref_tt_svd(w, om, im, r):
+    """The library's own TT-SVD before the tensorly port (reference for this comparison only):
+    float64 cores (r_{k-1}, o_k, i_k, r_k), each bond <= r, largest-|u| entry of each left singular
+    vector made > 0."""
+    d = len(om)
+    dims = [o * i for o, i in zip(om, im)]
+    c = w.reshape(*om, *im).permute([p for k in range(d) for p in (k, d + k)]).reshape(-1)
+    cores, r_prev = [], 1
+    for k in range(d - 1):
+        u, s, vt = torch.linalg.svd(c.reshape(r_prev * dims[k], -1), full_matrices=False)
+        rk = min(r, len(s))
+        u, vt = u[:, :rk], vt[:rk]
+        sign = torch.sign(u[u.abs().argmax(dim=0), torch.arange(rk)])
+        sign[sign == 0] = 1
+        u, vt = u * sign[None, :], vt * sign[:, None]
+        cores.append(u.reshape(r_prev, om[k], im[k], rk))
+        c, r_prev = s[:rk, None] * vt, rk
+    cores.append(c.reshape(r_prev, om[-1], im[-1], 1))
+    return cores
+
+
 def own_tt(w, om, im, r):
-    f = tt_matrix(w, om, im, max_rank=r)
+    cores = ref_tt_svd(w, om, im, r)
+    return tt_to_matrix(cores), cores
+
+
+def lib_tt(w, om, im, r):
+    f = tt_matrix(w, om, im, max_rank=r)  # tensorly's tensor_train_matrix inside (the port)
     return tt_to_matrix([c.double() for c in f.cores])[: w.shape[0], : w.shape[1]], f
 
 
@@ -323,19 +356,30 @@ def minilm_weights() -> tuple[dict[str, torch.Tensor], str]:
 
 def bench_tt(ranks, reps: int) -> None:
     mats, origin = minilm_weights()
-    print(f"TT-matrix ({origin}; TT-SVD, relative Frobenius error)", flush=True)
+    print(f"TT-matrix ({origin}; TT-SVD, relative Frobenius error; own = the library's TT-SVD before "
+          "the port, kept in this sample)", flush=True)
     for name, w in mats.items():
         om, im = tt_modes(*w.shape)
         for r in ranks:
-            t_own, t_tl, _, (ap_own, f), (ap_tl, ttm) = compare(
-                lambda w=w, om=om, im=im, r=r: own_tt(w, om, im, r),
-                lambda w=w, om=om, im=im, r=r: tl_tt(w, om, im, r), reps)
-            e_own, e_tl = fro_error(w, ap_own), fro_error(w, ap_tl)
+            ta, tb, tc = [], [], []
+            for _ in range(reps):  # interleaved: reference, tensorly, library (the port)
+                t, (ap_own, cores_own) = timed(lambda w=w, om=om, im=im, r=r: own_tt(w, om, im, r))
+                ta.append(t)
+                t, (ap_tl, ttm) = timed(lambda w=w, om=om, im=im, r=r: tl_tt(w, om, im, r))
+                tb.append(t)
+                t, (ap_lib, f) = timed(lambda w=w, om=om, im=im, r=r: lib_tt(w, om, im, r))
+                tc.append(t)
+            t_own, t_tl, t_l = statistics.median(ta), statistics.median(tb), statistics.median(tc)
+            e_own, e_tl, e_lib = fro_error(w, ap_own), fro_error(w, ap_tl), fro_error(w, ap_lib)
             # layout check: tensorly's cores (r, o_k, i_k, r) fed to the library's tt_to_matrix
             cross = fro_error(ap_tl, tt_to_matrix(list(ttm.factors)))
+            # the port's cores vs the reference's (the gauge rescales each core by a scalar: undo it)
+            dcore = max(float((a / a.norm() - b / b.norm()).abs().max()) for a, b in zip(f.cores, cores_own))
             tl_ranks = tuple(int(c.shape[0]) for c in ttm.factors) + (1,)
-            note = (f"err; modes {om}x{im}; ranks own {f.ranks} tl {tl_ranks}; params {tt_params(om, im, f.ranks)}"
-                    f"; layout check {cross:.1e}")
+            own_ranks = tuple(int(c.shape[0]) for c in cores_own) + (1,)
+            note = (f"err; modes {om}x{im}; ranks own {own_ranks} tl {tl_ranks} library {f.ranks}; params "
+                    f"{tt_params(om, im, f.ranks)}; layout check {cross:.1e}; library tt_matrix (port) err "
+                    f"{e_lib:.5f} in {t_l:.3f}s (x{t_l / t_own:.2f} own), cores vs own max diff {dcore:.1e}")
             row(name, "tt_matrix", f"max {r}", f"{e_own:.5f}", f"{e_tl:.5f}", t_own, t_tl, None, note)
 
 
@@ -347,7 +391,10 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="small layers only (smoke test)")
     ap.add_argument("--no-512", action="store_true", help="skip the 512->512 conv")
     ap.add_argument("--threads", type=int, default=THREADS, help=f"torch intra-op threads (default {THREADS})")
+    ap.add_argument("--only", choices=("tucker", "cp", "tt"), action="append",
+                    help="run only these parts (repeatable; default all)")
     args = ap.parse_args()
+    parts = set(args.only or ("tucker", "cp", "tt"))
 
     before = torch.get_num_threads()
     torch.manual_seed(0)
@@ -365,7 +412,7 @@ def main() -> None:
               "backend_context('pytorch')")
         print(f"load average at start {load()} (other processes on this {os.cpu_count()}-CPU machine inflate "
               "multi-threaded timings; runs are interleaved and the median is reported)")
-        for n in (64, 256, 512):
+        for n in (64, 256, 512) if parts & {"tucker", "cp"} else ():
             ev = torch.linalg.eigvalsh(norm_gram(synth_gram(n, seed=n)))
             print(f"  input Gram {n}x{n}: condition number {float(ev[-1] / ev[0]):.1e}, "
                   f"top {n // 4} eigenvalues hold {float(ev[-(n // 4):].sum() / ev.sum()):.1%} of the trace")
@@ -378,9 +425,12 @@ def main() -> None:
             tucker_convs, cp_convs = tucker_convs[:1], [((128, 64, 3), [64], 1)]
         elif not args.no_512:
             tucker_convs.append(((512, 512, 3), [(256, 256)], 1))
-        bench_tucker(tucker_convs, args.quick)
-        bench_cp(cp_convs, args.quick)
-        bench_tt([16] if args.quick else [16, 32, 64], 3 if args.quick else 7)
+        if "tucker" in parts:
+            bench_tucker(tucker_convs, args.quick)
+        if "cp" in parts:
+            bench_cp(cp_convs, args.quick)
+        if "tt" in parts:
+            bench_tt([16] if args.quick else [16, 32, 64], 3 if args.quick else 7)
         elapsed = time.perf_counter() - t_start
         assert tl.get_backend() == "numpy", "backend_context leaked"
 

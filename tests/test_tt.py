@@ -1,11 +1,15 @@
-"""Tensor-train Linear: TT-SVD (methods/tt.py) and TTLinear (tt_layers.py)."""
+"""Tensor-train Linear: TT-SVD (decompose/tt.py, tensorly's tensor_train_matrix) and TTLinear (tt_layers.py)."""
 
 from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
+import threading
 import time
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -265,3 +269,140 @@ def test_batch1_speed_vs_dense_is_reasonable() -> None:
                      f"{f.params} vs {1536 * 384}, MACs {tt_flops(om, im, f.ranks)} vs {1536 * 384}")
         assert math.isfinite(tt)
     print("\nTT 1536x384 batch 1:\n  " + "\n  ".join(lines))
+
+
+# ----------------------------------------------------------------------------- tensorly port
+
+def _np_tt_svd(w: np.ndarray, om: tuple[int, ...], im: tuple[int, ...], ranks: tuple[int, ...]
+               ) -> tuple[np.ndarray, float]:
+    """Independent TT-SVD in numpy: (dense approximation, sqrt(sum of discarded sigma^2))."""
+    d = len(om)
+    dims = [o * i for o, i in zip(om, im)]
+    t = w.reshape(*om, *im).transpose([p for k in range(d) for p in (k, d + k)])
+    c, r_prev, disc, cores = t.reshape(-1), 1, 0.0, []
+    for k in range(d - 1):
+        u, s, vt = np.linalg.svd(c.reshape(r_prev * dims[k], -1), full_matrices=False)
+        r = min(ranks[k + 1], len(s))
+        disc += float((s[r:] ** 2).sum())
+        cores.append(u[:, :r].reshape(r_prev, om[k], im[k], r))
+        c, r_prev = s[:r, None] * vt[:r], r
+    cores.append(c.reshape(r_prev, om[-1], im[-1], 1))
+    res = cores[0]
+    for core in cores[1:]:
+        res = np.tensordot(res, core, axes=(-1, 0))
+    res = res.reshape([v for pair in zip(om, im) for v in pair])  # (o_1, i_1, ..., o_d, i_d)
+    res = res.transpose(list(range(0, 2 * d, 2)) + list(range(1, 2 * d, 2)))
+    return res.reshape(math.prod(om), math.prod(im)), math.sqrt(disc)
+
+
+@pytest.mark.parametrize("om, im, ranks", [((4, 4, 6), (4, 4, 3), (1, 5, 7, 1)),
+                                          ((4, 4, 6), (4, 4, 3), (1, 12, 3, 1)),
+                                          ((2, 3, 4, 4), (3, 2, 2, 4), (1, 4, 9, 6, 1)),
+                                          ((8, 12), (6, 8), (1, 10, 1))])
+def test_port_matches_numpy_tt_svd(om, im, ranks) -> None:
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(math.prod(om), math.prod(im), generator=g, dtype=torch.float64)
+    ref, disc = _np_tt_svd(w.numpy(), om, im, ranks)
+    err_ref = float(np.linalg.norm(w.numpy() - ref) / np.linalg.norm(w.numpy()))
+    f = tt_matrix(w, om, im, ranks)
+    assert f.ranks == ranks
+    assert 0.05 < f.relative_error < 1
+    assert f.relative_error == pytest.approx(err_ref, rel=1e-9)
+    assert f.svd_error == pytest.approx(err_ref, rel=1e-9)
+    assert err_ref == pytest.approx(disc / float(w.norm()), rel=1e-9)  # TT-SVD: error^2 = discarded energy
+    assert _rel(tt_to_matrix(f.cores), torch.from_numpy(ref)) < 1e-9  # the same approximation
+
+
+def test_port_two_cores_is_the_optimal_kronecker_sum() -> None:
+    """d = 2: TT-SVD is the truncated SVD of the rearranged (o_1 i_1) x (o_2 i_2) matrix, so its
+    error is the Eckart-Young optimum sqrt(sum_{j > r} sigma_j^2) (Van Loan-Pitsianis)."""
+    g = torch.Generator().manual_seed(6)
+    w = torch.randn(96, 48, generator=g, dtype=torch.float64)
+    om, im = (8, 12), (6, 8)
+    rearranged = w.reshape(8, 12, 6, 8).permute(0, 2, 1, 3).reshape(48, 96)
+    s = torch.linalg.svdvals(rearranged)
+    for r in (1, 7, 30):
+        f = tt_matrix(w, om, im, r)
+        assert f.ranks == (1, r, 1)
+        assert f.relative_error == pytest.approx(float(s[r:].norm() / w.norm()), rel=1e-9)
+
+
+def test_port_exact_cases() -> None:
+    """Full ranks reproduce the matrix; a matrix of known TT-ranks is recovered at those ranks."""
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(96, 48, generator=g, dtype=torch.float64)
+    f = tt_matrix(w, (4, 4, 6), (4, 4, 3))
+    assert f.ranks == tt_full_ranks((4, 4, 6), (4, 4, 3))
+    assert f.relative_error < 1e-10 and f.svd_error < 1e-10
+    assert _rel(tt_to_matrix(f.cores), w) < 1e-10
+
+    cores = [torch.randn(1, 4, 3, 3, generator=g, dtype=torch.float64),
+             torch.randn(3, 5, 4, 2, generator=g, dtype=torch.float64),
+             torch.randn(2, 3, 4, 1, generator=g, dtype=torch.float64)]
+    low = tt_to_matrix(cores)  # 60 x 48 of TT-ranks (1, 3, 2, 1)
+    f = tt_matrix(low, (4, 5, 3), (3, 4, 4), (1, 3, 2, 1))
+    assert f.relative_error < 1e-10 and _rel(tt_to_matrix(f.cores), low) < 1e-10
+    f = tt_matrix(low, (4, 5, 3), (3, 4, 4), tol=1e-10)  # own rank choice finds the ranks
+    assert f.ranks == (1, 3, 2, 1) and f.relative_error < 1e-10
+    f = tt_matrix(low, (4, 5, 3), (3, 4, 4), (1, 2, 2, 1))  # one bond short: not exact
+    assert f.relative_error > 1e-3
+
+
+def test_port_tol_ranks_then_tensorly_at_those_ranks() -> None:
+    w = _linear(64, 64).weight.detach().double()
+    for tol in (0.1, 0.3, 0.6):
+        f = tt_matrix(w, (4, 4, 4), (4, 4, 4), tol=tol)
+        assert f.svd_error <= tol
+        same = tt_matrix(w, (4, 4, 4), (4, 4, 4), f.ranks)
+        assert all(torch.equal(a, b) for a, b in zip(f.cores, same.cores))
+        smaller = [(f.ranks[:k] + (f.ranks[k] - 1,) + f.ranks[k + 1:]) for k in (1, 2) if f.ranks[k] > 1]
+        # each bond is the smallest its step allows: one less there alone discards > tol^2 / (d - 1)
+        assert tt_matrix(w, (4, 4, 4), (4, 4, 4), smaller[0]).svd_error > tol / math.sqrt(2)
+    z = tt_matrix(torch.zeros(16, 16, dtype=torch.float64), (4, 4), (4, 4))  # exact default drops zeros
+    assert z.ranks == (1, 1, 1) and z.relative_error == 0 and z.svd_error == 0
+
+
+def test_port_uses_tensorly_without_touching_its_global_backend(monkeypatch) -> None:
+    tl = pytest.importorskip("tensorly")
+    import tensorly.decomposition as tld
+
+    assert tl.get_backend() == "numpy"
+    seen = []
+    orig = tld.tensor_train_matrix
+
+    def spy(tensor, rank, **kw):
+        other = []
+        th = threading.Thread(target=lambda: other.append(tl.get_backend()))
+        th.start()
+        th.join()
+        seen.append((tl.get_backend(), other[0], tuple(tensor.shape), list(rank), tensor.dtype))
+        return orig(tensor, rank, **kw)
+
+    monkeypatch.setattr(tld, "tensor_train_matrix", spy)
+    f = tt_matrix(_linear(96, 48).weight, (4, 4, 6), (4, 4, 3), max_rank=5)
+    assert f.ranks == (1, 5, 5, 1)
+    # pytorch backend in this thread only, float64, matrix given as (o_1..o_d, i_1..i_d)
+    assert seen == [("pytorch", "numpy", (4, 4, 6, 4, 4, 3), [1, 5, 5, 1], torch.float64)]
+    assert tl.get_backend() == "numpy"
+
+
+def test_module_import_does_not_import_tensorly() -> None:
+    code = "import sys, lrcompress.decompose.tt; print('tensorly' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("scale_inputs", [False, True])
+def test_port_output_error_is_measured_on_inputs(scale_inputs: bool) -> None:
+    g = torch.Generator().manual_seed(8)
+    w = torch.randn(60, 30, generator=g, dtype=torch.float64)
+    x = torch.randn(30, 500, generator=g, dtype=torch.float64) * torch.logspace(-2, 1, 30, dtype=torch.float64)[:, None]
+    om, im = (3, 4, 5), (2, 4, 4)  # 32 inputs for 30 features: zero-padded
+    f = tt_matrix(w, om, im, max_rank=6, in_gram=x @ x.T, scale_inputs=scale_inputs)
+    approx = tt_to_matrix(f.cores)[:60, :30]
+    if scale_inputs:
+        approx = approx * f.in_scale[None, :]
+    direct = float(((w - approx) @ x).norm() / (w @ x).norm())
+    assert 0.01 < direct < 1
+    assert f.output_error == pytest.approx(direct, rel=1e-9)
+    assert f.relative_error == pytest.approx(float((w - approx).norm() / w.norm()), rel=1e-9)

@@ -6,11 +6,22 @@ G_k of shape (r_{k-1}, o_k, i_k, r_k), r_0 = r_d = 1 (tensorly's TT-matrix layou
 
     W[o, i] = G_1[:, o_1, i_1, :] @ G_2[:, o_2, i_2, :] @ ... @ G_d[:, o_d, i_d, :]
 
-TT-SVD is done here in float64 torch (sequential truncated SVDs of the unfoldings): it matches
-tensorly's ``tensor_train_matrix`` (tested) and adds tolerance-driven ranks, deterministic signs
-and a balanced scalar gauge. Its squared error is exactly the sum of the discarded squared
-singular values of every step and is within sqrt(d-1) of the best TT approximation at those
-ranks (quasi-optimal, unlike the matrix SVD there is no closed-form optimum).
+TT-SVD is tensorly's ``tensorly.decomposition.tensor_train_matrix`` (sequential truncated SVDs
+of the unfoldings), run in float64 on tensorly's PyTorch backend inside a thread-local
+``tensorly.backend_context("pytorch")`` (tensorly's global backend is never changed; tensorly is
+imported on the first factorization, not with this module). Its cores already come in the layout
+above and its ``svd_flip`` makes the signs deterministic (largest-|u| entry of each left singular
+vector > 0). The squared error of TT-SVD is the sum of the discarded squared singular values of
+every step, within sqrt(d-1) of the best TT approximation at those ranks (quasi-optimal; unlike
+the matrix SVD there is no closed-form optimum).
+
+Own code, where tensorly has nothing for it: the mode shapes (``tt_shape``/``tt_modes``), the
+rank arguments (``_resolve_ranks``: int / inner / full ranks, ``max_rank``, clipped by tensorly
+to the unfolding sizes), tolerance-driven ranks (``_tol_ranks``: tensorly takes ranks only, so
+``tol`` and the exact default choose the ranks by their own sequential SVD sweep, then tensorly
+decomposes at those ranks), zero-padding to the modes, the balanced scalar gauge (``_balance``),
+the data-aware input scaling below and the reported errors (weight, TT-SVD and Gram-based output
+error, all measured on the cores as computed).
 
 Data: TT is a weight-space method. A full input whitening W L (L L^T = G) cannot be undone
 inside the TT format (L^{-1} is not a Kronecker product), so ``in_gram`` is used (1) to measure
@@ -43,8 +54,10 @@ class TTFactors:
     shape: the original (out, in); out_modes/in_modes may multiply to more than ``shape`` when the
     weight was zero-padded (the extra rows are dropped, the extra inputs are zeros).
     relative_error: ||W - W'||_F / ||W||_F of the cores as shipped (on the unpadded block).
-    svd_error: the relative error TT-SVD predicts from its discarded singular values (float64), of
-    the tensor it decomposed (the input-scaled weight when ``in_scale`` is set).
+    svd_error: the relative error of the float64 TT-SVD result on the tensor it decomposed (the
+    zero-padded, input-scaled weight when ``in_scale`` is set), before the cast to the weight's
+    dtype; it equals sqrt(sum of the discarded squared singular values) / ||tensor|| up to rounding
+    (~1e-15 for exact ranks).
     output_error: ||(W - W')X||_F / ||W X||_F on the calibration Gram, when one was given.
     in_scale: per-input multiplier applied before the cores (``scale_inputs=True``), else None.
     params: number of core entries (+ len(in_scale)); bias not included.
@@ -243,39 +256,50 @@ def _resolve_ranks(d: int, ranks: int | Sequence[int] | None, max_rank: int | No
     return [1] + inner + [1]
 
 
-def _fix_signs(u: torch.Tensor, vt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Deterministic sign per component: the largest-magnitude entry of each column of u is > 0."""
-    idx = u.abs().argmax(dim=0)
-    sign = torch.sign(u[idx, torch.arange(u.shape[1])])
-    sign[sign == 0] = 1
-    return u * sign[None, :], vt * sign[:, None]
+def _tol_ranks(t: torch.Tensor, dims: list[int], tol: float) -> list[int]:
+    """TT-ranks (1, r_1, ..., 1) that a tolerance-driven TT-SVD of ``t`` (float64, numel =
+    prod(dims)) keeps: at each step the smallest rank whose discarded squared singular values are
+    <= delta^2 = tol^2 ||t||^2 / (d-1) (Oseledets 2011, so the total relative error is <= tol).
 
-
-def _tt_svd(t: torch.Tensor, dims: list[int], ranks: list[int] | None, tol: float | None
-            ) -> tuple[list[torch.Tensor], float]:
-    """TT-SVD of ``t`` (float64, numel = prod(dims)) -> 3-D cores (r_{k-1}, n_k, r_k), squared error."""
+    Own code because tensorly's TT-SVD takes ranks only (no accuracy argument). The unfolding of
+    step k depends on the truncation of the steps before, so this runs the same sequential SVDs
+    as TT-SVD itself; the cores are then computed by tensorly at these ranks (``_tensorly_tt``),
+    which repeats them: 2x the SVD work, only when ``tt_matrix`` gets ``tol`` or no ranks at all
+    (the compression pipeline passes ranks). tol = 0 (the exact default) keeps every non-zero
+    singular value, dropping only exactly-zero ones (e.g. an all-zero weight -> rank 1).
+    """
     d = len(dims)
-    total = float((t * t).sum())
-    delta2 = (tol ** 2) * total / max(d - 1, 1) if tol is not None else 0.0
-    cores, err2, r_prev = [], 0.0, 1
+    delta2 = (tol ** 2) * float((t * t).sum()) / max(d - 1, 1)
+    ranks, r_prev = [1], 1
     c = t.reshape(-1)
     for k in range(d - 1):
-        c = c.reshape(r_prev * dims[k], -1)
-        u, s, vt = torch.linalg.svd(c, full_matrices=False)
-        s2 = s * s
-        if ranks is not None:
-            r = min(ranks[k + 1], len(s))
-        else:  # smallest rank whose discarded energy is <= delta^2 (per step, Oseledets' bound)
-            tails = torch.flip(torch.cumsum(torch.flip(s2, [0]), 0), [0])  # tails[j] = sum_{i>=j} s2
-            ok = torch.nonzero(tails <= delta2)
-            r = max(int(ok[0]) if len(ok) else len(s), 1)
-        err2 += float(s2[r:].sum())
-        u, vt = _fix_signs(u[:, :r], vt[:r])
-        cores.append(u.reshape(r_prev, dims[k], r))
-        c = s[:r, None] * vt
+        _, s, vt = torch.linalg.svd(c.reshape(r_prev * dims[k], -1), full_matrices=False)
+        tails = torch.flip(torch.cumsum(torch.flip(s * s, [0]), 0), [0])  # tails[j] = sum_{i>=j} s_i^2
+        ok = torch.nonzero(tails <= delta2)
+        r = max(int(ok[0]) if len(ok) else len(s), 1)
+        ranks.append(r)
+        c = s[:r, None] * vt[:r]
         r_prev = r
-    cores.append(c.reshape(r_prev, dims[-1], 1))
-    return cores, err2
+    return ranks + [1]
+
+
+def _tensorly_tt(t: torch.Tensor, out_modes: tuple[int, ...], in_modes: tuple[int, ...], ranks: list[int]
+                 ) -> list[torch.Tensor]:
+    """TT-matrix cores (r_{k-1}, o_k, i_k, r_k) of the matrix ``t`` (prod out_modes x prod in_modes,
+    float64) by ``tensorly.decomposition.tensor_train_matrix``: TT-SVD (sequential truncated SVDs of
+    the unfoldings), ranks (1, r_1, ..., 1) each clipped to its unfolding's size, singular vectors
+    sign-fixed by tensorly's ``svd_flip`` (largest-|u| entry of each left singular vector > 0).
+
+    tensorly runs on its PyTorch backend (same device and dtype as ``t``) inside a thread-local
+    ``backend_context``: tensorly's global backend is never changed. It takes the matrix as the
+    tensor (o_1, ..., o_d, i_1, ..., i_d) and returns the cores in the layout used here.
+    """
+    import tensorly  # heavy (~0.3 s): only when a TT is actually computed
+    from tensorly.decomposition import tensor_train_matrix
+
+    with tensorly.backend_context("pytorch", local_threadsafe=True):
+        ttm = tensor_train_matrix(t.reshape(*out_modes, *in_modes), rank=list(ranks))
+    return list(ttm.factors)
 
 
 def _balance(cores: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -312,14 +336,16 @@ def tt_matrix(
     scale_inputs: bool = False,
     scale_power: float = 0.5,
 ) -> TTFactors:
-    """TT-matrix cores of ``weight`` (out x in) by TT-SVD in float64.
+    """TT-matrix cores of ``weight`` (out x in) by TT-SVD in float64 (tensorly's
+    ``tensor_train_matrix``, PyTorch backend; see the module notes for what is own code).
 
     Ranks: ``ranks`` (int = same for every bond, or d-1 inner / d+1 full values) or ``max_rank``
     (same meaning as an int), each clipped to the exact TT-ranks; or ``tol``, a relative
-    Frobenius error target (TT-SVD guarantees relative_error <= tol); nothing = exact (full
-    ranks). ``in_gram`` (in x in, X X^T of the layer inputs) adds ``output_error``; with
-    ``scale_inputs=True`` its diagonal also weights the decomposition by G_jj^(scale_power/2)
-    (see the module notes).
+    Frobenius error target (TT-SVD guarantees svd_error <= tol); nothing = exact (full ranks,
+    less exactly-zero singular values). tol and exact choose their ranks by own code, then
+    tensorly decomposes at those ranks. ``in_gram`` (in x in, X X^T of the layer inputs) adds
+    ``output_error``; with ``scale_inputs=True`` its diagonal also weights the decomposition by
+    G_jj^(scale_power/2) (see the module notes).
     """
     _check_modes(weight, out_modes, in_modes)
     out_modes, in_modes = tuple(int(v) for v in out_modes), tuple(int(v) for v in in_modes)
@@ -356,24 +382,24 @@ def tt_matrix(
     po, pi = math.prod(out_modes), math.prod(in_modes)
     wp = torch.zeros(po, pi, dtype=torch.float64, device=w.device)
     wp[:m, :n] = target
-    t = wp.reshape(*out_modes, *in_modes)
-    t = t.permute([p for k in range(d) for p in (k, d + k)])
-    dims = [o * i for o, i in zip(out_modes, in_modes)]
-    cores3, err2 = _tt_svd(t.contiguous(), dims, r_spec, tol)
+    if r_spec is None:  # tol, or nothing = tol 0 (exact): own rank choice, tensorly has none
+        t = wp.reshape(*out_modes, *in_modes).permute([p for k in range(d) for p in (k, d + k)])
+        r_spec = _tol_ranks(t.contiguous(), [o * i for o, i in zip(out_modes, in_modes)], tol or 0.0)
+    cores = _balance(_tensorly_tt(wp, out_modes, in_modes, r_spec))
+    dense = tt_to_matrix(cores)  # float64
     total_t = float((wp * wp).sum())
-    cores = [c.reshape(c.shape[0], o, i, c.shape[2]) for c, o, i in zip(cores3, out_modes, in_modes)]
-    cores = _balance(cores)
+    svd_err = math.sqrt(float(((wp - dense) ** 2).sum()) / total_t) if total_t > 0 else 0.0
 
     dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
     shipped = [c.to(dtype) for c in cores]
     in_scale = None if scale is None else (1.0 / scale).to(dtype)
-    approx = tt_to_matrix([c.to(torch.float64) for c in shipped])[:m, :n]
+    approx = dense if dtype == torch.float64 else tt_to_matrix([c.to(torch.float64) for c in shipped])
+    approx = approx[:m, :n]
     if in_scale is not None:
         approx = approx * in_scale.to(torch.float64)[None, :]
     diff = w - approx
     wn2 = float((w * w).sum())
     rel = math.sqrt(float((diff * diff).sum()) / wn2) if wn2 > 0 else 0.0
-    svd_err = math.sqrt(err2 / total_t) if total_t > 0 else 0.0
     out_err = None
     if gram is not None:
         base = float(((w @ gram) * w).sum())
