@@ -15,6 +15,7 @@ from torch import nn
 
 from ..errors import DataError
 from ..io.data import Batch
+from ..methods.kinds import is_linear
 from ..planning.targets import check_finite
 
 
@@ -137,7 +138,7 @@ def calibrate(
         calib.layers[name] = LayerStats()
         if isinstance(mod, nn.Embedding):
             handles.append(mod.register_forward_pre_hook(embedding_hook(name)))
-        elif isinstance(mod, nn.Linear):
+        elif is_linear(mod):  # nn.Linear and transformers' Conv1D both see x of shape (..., in)
             handles.append(mod.register_forward_pre_hook(linear_hook(name)))
         elif isinstance(mod, nn.Conv2d):
             handles.append(mod.register_forward_pre_hook(conv_hook(name)))

@@ -55,7 +55,7 @@ class AutoMethod(Method):
         takers = [m for m in candidates if m.auto_candidate and m.takes(mod, config)
                   and (try_tt or "tt_linear" not in m.entry_kinds)]
         matrix = layer_kind(mod) in MATRIX_KINDS
-        if matrix and (matrix_error is None or not isinstance(mod, nn.Linear)):
+        if matrix and (matrix_error is None or layer_kind(mod) != "linear"):
             return None, ""
         if not takers:
             return None, ""

@@ -18,6 +18,7 @@ from torch import nn
 
 from ..decompose import Metric, Spectrum
 from ..errors import ConfigError
+from .kinds import is_linear, layer_matrix
 
 
 class SharedBasisLinear(nn.Module):
@@ -63,7 +64,7 @@ def role_groups(names: list[str], modules: dict[str, nn.Module], k: int) -> list
     for n in names:
         parts = n.split(".")
         idx = next((i for i, p in enumerate(parts) if p.isdigit()), None)
-        if idx is None or not isinstance(modules[n], nn.Linear):
+        if idx is None or not is_linear(modules[n]):
             continue
         role = ".".join(parts[:idx] + ["*"] + parts[idx + 1:])
         roles.setdefault(role, []).append((int(parts[idx]), n))
@@ -82,7 +83,7 @@ def role_groups(names: list[str], modules: dict[str, nn.Module], k: int) -> list
         members.sort()
         for start in range(0, len(members), k):
             chunk = [n for _, n in members[start:start + k]]
-            shapes = {tuple(modules[n].weight.shape) for n in chunk}
+            shapes = {tuple(layer_matrix(modules[n]).shape) for n in chunk}
             if len(chunk) >= 2 and len(shapes) == 1:
                 groups.append(Group(f"{role}[{members[start][0]}:{members[start][0] + len(chunk)}]", chunk))
     return groups
@@ -129,8 +130,8 @@ def build_group(group: Group, modules: dict[str, nn.Module], metrics: list[Metri
     new, errs, num = {}, {}, 0.0
     for name, metric in zip(group.names, metrics):
         mod = modules[name]
-        w = mod.weight.detach().to(torch.float64)
-        layer = SharedBasisLinear(mod.in_features, mod.out_features, r, basis, bias=mod.bias is not None, dtype=dtype)
+        w = layer_matrix(mod).detach().to(torch.float64)
+        layer = SharedBasisLinear(w.shape[1], w.shape[0], r, basis, bias=mod.bias is not None, dtype=dtype)
         with torch.no_grad():
             layer.coeff.weight.copy_((u.T @ w).to(dtype))
             if mod.bias is not None:

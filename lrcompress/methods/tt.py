@@ -22,6 +22,7 @@ from ..decompose.tt import (
 )
 from ..errors import ConfigError
 from .base import Choice, Factorized, Method
+from .kinds import is_linear, layer_matrix
 from .svd_whiten import WhitenedSVDConfig
 from .tt_layers import TTLinear, build_tt_shell, tt_shell_info
 
@@ -87,9 +88,9 @@ def tt_layer_modes(mod: nn.Module, config: TTConfig, *, fallback: bool = True
     tensor-train fits it. Modes: ``config.tt_shape`` when set, else ``config.modes`` balanced
     modes per feature count, else (``fallback``) the most modes >= 2 below that which split both
     counts (``note`` says so)."""
-    if not isinstance(mod, nn.Linear):
+    if not is_linear(mod):
         return f"{type(mod).__name__} is not an nn.Linear: tensor-train takes Linear layers only"
-    out_f, in_f = mod.out_features, mod.in_features
+    out_f, in_f = layer_matrix(mod).shape
     if config.tt_shape is not None:
         out_m, in_m = config.tt_shape
         if math.prod(out_m) != out_f or math.prod(in_m) != in_f:
@@ -122,7 +123,7 @@ class TTMethod(Method):
     whitened = True
 
     def takes(self, mod: nn.Module, config: "CompressConfig") -> bool:
-        return isinstance(mod, nn.Linear)
+        return is_linear(mod)
 
     def unsupported(self, mod: nn.Module, config: "CompressConfig | None" = None) -> str | None:
         modes = tt_layer_modes(mod, self.sub_config(config) if config is not None else TTConfig())
@@ -147,7 +148,7 @@ class TTMethod(Method):
             return
         name, mod = refused[0]
         raise ConfigError(f"--tt-shape {shape_text(shape)} fits no targeted Linear layer (products "
-                          f"{math.prod(shape[0])}:{math.prod(shape[1])}; {name!r} is {mod.out_features}x{mod.in_features}, "
+                          f"{math.prod(shape[0])}:{math.prod(shape[1])}; {name!r} is {'x'.join(map(str, layer_matrix(mod).shape))}, "
                           "out x in); give modes whose products match a layer, or --targets only layers of that shape")
 
     def plan_layer(self, lp: "LayerPlan", mod: nn.Module, config: "CompressConfig", frac: float | None,
@@ -163,7 +164,7 @@ class TTMethod(Method):
             lp.add_reason(f"TT rank 1 already needs more than {frac:.0%} of the layer: kept dense")
             return
         ranks = tuple(min(rank, f) for f in tt_full_ranks(out_m, in_m))
-        after = tt_params(out_m, in_m, ranks) + (mod.in_features if gram is not None else 0)
+        after = tt_params(out_m, in_m, ranks) + (layer_matrix(mod).shape[1] if gram is not None else 0)
         lp.choice = TTChoice(tuple(out_m), tuple(in_m), ranks)
         flops = tt_flops(out_m, in_m, ranks)
         if flops > lp.params_before:  # dense MACs per input row = out * in = its parameter count
@@ -181,13 +182,13 @@ class TTMethod(Method):
         r = tt_max_rank_for_params(out_m, in_m, int(budget))
         if r < 1:
             return math.inf
-        f = tt_matrix(mod.weight.detach(), out_m, in_m, max_rank=r, in_gram=gram)
+        f = tt_matrix(layer_matrix(mod).detach(), out_m, in_m, max_rank=r, in_gram=gram)
         return f.output_error if f.output_error is not None else f.relative_error
 
     def factorize(self, model: nn.Module, lp: "LayerPlan", plan: "Plan") -> Factorized:
         mod = model.get_submodule(lp.name)
         c, gram = lp.choice, plan.grams.get(lp.name)
-        f = tt_matrix(mod.weight.detach(), list(c.out_modes), list(c.in_modes), list(c.ranks), in_gram=gram,
+        f = tt_matrix(layer_matrix(mod).detach(), list(c.out_modes), list(c.in_modes), list(c.ranks), in_gram=gram,
                       scale_inputs=gram is not None)
         return Factorized({lp.name: TTLinear.from_factors(f, None if mod.bias is None else mod.bias.detach())})
 

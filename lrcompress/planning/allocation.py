@@ -27,9 +27,9 @@ def sensitivities(model: nn.Module, plan: Plan, layers: list[LayerPlan], ranks: 
         if l.name not in ranks:
             continue
         r = min(ranks[l.name], max(l.break_even - 1, 1))
-        w = layer_matrix(model.get_submodule(l.name))
-        f = factorize(w, plan.spectra[l.name], r, plan.metrics[l.name])
-        probes[l.name] = (module_weight(l.kind, f.a @ f.b), f.relative_error ** 2)
+        mod = model.get_submodule(l.name)
+        f = factorize(layer_matrix(mod), plan.spectra[l.name], r, plan.metrics[l.name])
+        probes[l.name] = (module_weight(mod, f.a @ f.b), f.relative_error ** 2)
     raw = measure(model, probe, probes, progress)
     positive = sorted(v for v in raw.values() if v > 0)
     floor = 1e-3 * positive[len(positive) // 2] if positive else 1.0

@@ -14,7 +14,7 @@ from ..config import CompressConfig
 from ..methods import registry
 from ..scoped import figure
 from .make_plan import make_plan
-from .targets import factorizable
+from .targets import factorizable, unsupported_layers
 
 
 @dataclass
@@ -83,7 +83,7 @@ def inspect(model: nn.Module, calibration: Calibration | None = None, *, ratio: 
 
     method = registry.matrix_method(calibration is not None).config()
     if not targets:  # every factorizable layer, convs included
-        targets = tuple(factorizable(model))
+        targets = tuple(factorizable(model)) + tuple(unsupported_layers(model))  # listed, never skipped
     config = CompressConfig(method=method, ratio=ratio, allocate="uniform", targets=targets, exclude=exclude)
     plan = make_plan(model, config, calibration)
     infos, spectra = [], {}

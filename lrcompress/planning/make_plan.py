@@ -19,6 +19,7 @@ from ..decompose.whiten import metric_from_stats
 from ..errors import ConfigError
 from ..methods import registry
 from ..methods.base import Method
+from ..methods.kinds import UNSUPPORTED
 from .allocation import allocate, budget_for, budget_fraction, mn, sensitivities
 from .hull import hull, hull_greedy
 from .latency_plan import latency_ranks, probe_fraction
@@ -30,6 +31,8 @@ from .targets import (
     layer_matrix,
     select_targets,
     tied_weights,
+    unsupported_layers,
+    unsupported_weight,
 )
 
 
@@ -71,13 +74,14 @@ def make_plan(model: nn.Module, config: CompressConfig, calib: Calibration | Non
         w = layer_matrix(mod)
         m, n = w.shape
         kind = layer_kind(mod)
-        shape = tuple(mod.weight.shape) if kind == "conv" else tuple(mod.weight.shape[:2])
+        # stored weight shape ((V, d) for an embedding), (out, in) for every linear map (Conv1D stores (in, out))
+        shape = tuple(mod.weight.shape) if kind == "conv" else tuple(w.shape) if kind == "linear" else tuple(mod.weight.shape[:2])
         be = break_even_rank(m, n)
         taker, why = (method if method.takes(mod, config) else None), ""
         if frac0 is not None and name not in tied:
             gram = calib.layers[name].gram if calib is not None and name in calib else None
             merr = None
-            if isinstance(mod, nn.Linear):  # kept for the plan below if the matrix path wins
+            if kind == "linear":  # kept for the plan below if the matrix path wins
                 met = layer_metric(mod, name, calib, smoothing)
                 spec = whitened_spectrum(w, met if met is not None else Metric(), config.method, None)
                 chosen_specs[name] = (met, spec)
@@ -135,6 +139,11 @@ def make_plan(model: nn.Module, config: CompressConfig, calib: Calibration | Non
                 plan.eval_spectra[name] = whitened_spectrum(w, metric, matrix_whitened.config(), None)
         if progress is not None:
             progress(name)
+    for name, mod in unsupported_layers(model, config.targets, config.exclude).items():
+        w = unsupported_weight(mod)
+        n = int(w.numel()) if w is not None else 0
+        layers[name] = LayerPlan(name, UNSUPPORTED, tuple(w.shape[:2]) if w is not None else (0, 0), config.method.name,
+                                 None, n, n, 0.0, 0, f"unsupported type {type(mod).__name__}: no method takes it; kept dense")
     for taker in dict.fromkeys([t for *_, t in structured] + [registry.get(n) for n in refused_by]):
         taker.finish(config, [lp for lp, _, t in structured if t is taker], refused_by.get(taker.name, []))
     active = [l for l in layers.values() if l.name in plan.spectra]

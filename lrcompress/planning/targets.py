@@ -13,8 +13,11 @@ from ..errors import ConfigError, WeightError
 from ..methods import registry
 from ..methods.kinds import (  # noqa: F401  (re-exported)
     MATRIX_KINDS,
+    UNSUPPORTED,
     is_conv1x1,
+    is_embedding,
     is_kxk_conv,
+    is_linear,
     layer_kind,
     layer_matrix,
     module_weight,
@@ -52,22 +55,51 @@ def _selected(pattern: str, name: str) -> bool:
     return any(_matches(pattern, ".".join(parts[:i])) for i in range(1, len(parts) + 1))
 
 
-def factorizable(model: nn.Module) -> dict[str, nn.Module]:
-    """Linear, Embedding and Conv2d modules not already inside a factorized module."""
+def _layers(model: nn.Module) -> tuple[dict[str, nn.Module], dict[str, nn.Module]]:
+    """(factorizable, unsupported) modules outside factorized ones. Unsupported: a module that
+    holds a weight matrix (``weight`` with 2+ dims) of no layer kind, e.g. nn.Conv1d, a
+    positional embedding with its own forward, or nn.MultiheadAttention (its forward reads
+    ``out_proj.weight`` directly, so nothing inside it may be swapped)."""
     FACTORIZED = registry.factorized_types()
     found: dict[str, nn.Module] = {}
+    other: dict[str, nn.Module] = {}
     skip: list[str] = []
     for name, mod in model.named_modules():
+        if any(name.startswith(s) for s in skip):
+            continue
         if isinstance(mod, FACTORIZED):
             skip.append(name + ".")
             continue
-        if any(name.startswith(s) for s in skip):
-            continue
-        if isinstance(mod, (nn.Linear, nn.Embedding)) and mod.weight.dim() == 2:
+        if isinstance(mod, nn.MultiheadAttention):
+            skip.append(name + ".")
+            other[name] = mod
+        elif is_linear(mod) or is_embedding(mod) or is_conv1x1(mod) or is_kxk_conv(mod):
             found[name] = mod
-        elif is_conv1x1(mod) or is_kxk_conv(mod):
-            found[name] = mod
-    return found
+        elif isinstance(getattr(mod, "weight", None), torch.Tensor) and mod.weight.dim() >= 2:
+            other[name] = mod
+    return found, other
+
+
+def factorizable(model: nn.Module) -> dict[str, nn.Module]:
+    """Linear (and transformers' Conv1D), Embedding and Conv2d modules not already inside a
+    factorized module."""
+    return _layers(model)[0]
+
+
+def unsupported_layers(model: nn.Module, targets: tuple[str, ...] = (),
+                       exclude: tuple[str, ...] = ()) -> dict[str, nn.Module]:
+    """Modules that act linearly on a weight matrix but that no layer kind covers, within the
+    ``targets`` (all when empty) and outside ``exclude``: the plan lists them as dense with
+    their type, never skips them in silence."""
+    other = _layers(model)[1]
+    return {n: m for n, m in other.items() if (not targets or any(_selected(p, n) for p in targets))
+            and not any(_selected(p, n) for p in exclude)}
+
+
+def unsupported_weight(mod: nn.Module) -> torch.Tensor | None:
+    """The weight matrix of an unsupported module (MultiheadAttention: its input projection)."""
+    w = getattr(mod, "weight", None)
+    return w if isinstance(w, torch.Tensor) else getattr(mod, "in_proj_weight", None)
 
 
 

@@ -24,6 +24,7 @@ from ..io.checkpoint import factorized_layers
 from ..io.data import Batch, TextData
 from ..io.distributed import all_min, all_sum, dist_info, init_distributed
 from ..methods.apply import set_module
+from ..methods.kinds import is_linear
 from ..planning.make_plan import layer_metric
 from ..planning.targets import layer_matrix
 from .distill import (
@@ -64,7 +65,7 @@ def check_reference(student: nn.Module, teacher: nn.Module, layers: dict[str, di
         info = layers[name]
         t = t_mods.get(name)
         shape = info.get("shape")
-        if not isinstance(t, (nn.Linear, nn.Conv2d, nn.Embedding)):
+        if not isinstance(t, (nn.Conv2d, nn.Embedding)) and not is_linear(t):
             raise ConfigError(f"--reference has no dense layer {name!r} (the student factorized one there); "
                               "pass the model the checkpoint was compressed from")
         if shape is not None and info["kind"] in ("linear", "conv1x1", "embedding", "shared_linear"):

@@ -8,6 +8,7 @@ from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
+from ..methods.kinds import MATRIX_KINDS
 from ..paths import check_output_file, write_text
 from .recipe import CompressSection, DataSection, Recipe, Rule
 from .schema import toml_value
@@ -81,7 +82,7 @@ def suggest_recipe(source: str, weights: str | None, calib: str, max_length: int
     """A recipe pinning ``plan``'s per-layer ranks (one exact-name rule per layer; dense layers
     as dense rules), so that it can be edited layer by layer and re-run."""
     rules = tuple(Rule(match=l.name, rank=l.rank) if l.rank is not None else Rule(match=l.name, dense=True)
-                  for l in plan.layers if l.kind != "conv")
+                  for l in plan.layers if l.kind in MATRIX_KINDS)
     section = replace(section_from_config(plan.config), rules=rules)
     return Recipe(source, weights, DataSection(calib=calib, max_length=max_length, calib_samples=calib_samples,
                                                batch_size=batch_size), section)
