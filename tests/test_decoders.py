@@ -153,3 +153,26 @@ def test_unsupported_linear_modules_are_listed_not_skipped() -> None:
         assert small(x).shape == model(x).shape
     report = lc.inspect(model)  # plain SVD spectra, no data
     assert any(r.name == "conv" and "unsupported type Conv1d" in r.note for r in report.layers)
+
+
+@pytest.mark.parametrize("method", ["svd", "tt", "shared-svd"])
+def test_gpt2_conv1d_under_every_linear_method(method: str, folders: dict[str, Path], tmp_path: Path) -> None:
+    """Plain SVD, tensor-train and shared bases take Conv1D like nn.Linear (with measured
+    sensitivities: the probes write the factorized weight back in Conv1D's layout); the
+    folder reloads with the embedding and LM head still tied and counted once."""
+    src = lc.resolve(str(folders["gpt2"]))
+    data = lc.TensorData({"input_ids": _ids()})
+    budget = {"rank": 2} if method == "tt" else {"ratio": 0.5}  # TT at half the params costs more MACs than dense
+    cfg = lc.CompressConfig(method=lc.method_config(method), targets=("transformer.h",), **budget)
+    small, rep = lc.compress(src.model, cfg, data)
+    taken = [l for l in rep.layers if l.rank is not None]
+    assert taken and all(l.method == method for l in taken)
+    if method == "shared-svd":
+        assert all(l.error_ratio == pytest.approx(1.0, abs=1e-3) for l in taken)
+    lc.save(small, tmp_path / "ck", src.spec, plan=rep.plan, side_files=src.side_files)
+    again, _ = lc.load(tmp_path / "ck")
+    assert again.lm_head.weight is again.transformer.wte.weight
+    assert sum(p.numel() for p in again.parameters()) == rep.params_after
+    x = torch.from_numpy(_ids(2, 10, seed=3))
+    with torch.no_grad():
+        torch.testing.assert_close(again(x).logits, small(x).logits, rtol=0, atol=0)
