@@ -187,7 +187,7 @@ OPTION_CASES: dict[str, Case] = {
     "targets-regex-no-match": lambda e: (_mlp(e, "--rank", 4, "--targets", "re:layer\\d+"),
                                          ["--targets 're:layer\\\\d+'", "matches no module"]),
     "targets-non-linear-module": lambda e: (_mlp(e, "--rank", 4, "--targets", "act"),
-                                            ["['act']", "no Linear/Embedding/Conv2d layer"]),
+                                            ["['act']", "no Linear/Conv1D/Embedding/Conv2d layer"]),
     "targets-one-of-two-no-match": lambda e: (_mlp(e, "--rank", 4, "--targets", "fc1", "--targets", "fc7"),
                                               ["'fc7'", "matches no module"]),
     "exclude-no-match": lambda e: (_mlp(e, "--rank", 4, "--exclude", "decoder"),

@@ -176,3 +176,11 @@ def test_gpt2_conv1d_under_every_linear_method(method: str, folders: dict[str, P
     x = torch.from_numpy(_ids(2, 10, seed=3))
     with torch.no_grad():
         torch.testing.assert_close(again(x).logits, small(x).logits, rtol=0, atol=0)
+
+
+def test_targets_naming_only_an_unsupported_module_is_refused(folders: dict[str, Path], tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture) -> None:
+    from tests.conftest import expect_user_error
+    expect_user_error(["compress", folders["opt"], "--calib", folders["calib"], "--ratio", "0.5", "--targets",
+                       "model.decoder.embed_positions", "-o", tmp_path / "out"], capsys, tmp_path,
+                      ["embed_positions", "unsupported type OPTLearnedPositionalEmbedding", "Conv1D"])

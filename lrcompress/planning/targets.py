@@ -123,7 +123,10 @@ def select_targets(model: nn.Module, targets: tuple[str, ...], exclude: tuple[st
     if targets:
         names = [n for n in names if any(_selected(p, n) for p in targets)]
         if not names:
-            raise ConfigError(f"--targets {list(targets)} match modules but no Linear/Embedding/Conv2d layer; "
+            odd = unsupported_layers(model, targets)
+            what = (f" ({', '.join(f'{n}: unsupported type {type(m).__name__}' for n, m in list(odd.items())[:2])})"
+                    if odd else "")
+            raise ConfigError(f"--targets {list(targets)} match modules but no Linear/Conv1D/Embedding/Conv2d layer{what}; "
                               "point them at layers that can be factorized")
     else:
         if kinds is None:
