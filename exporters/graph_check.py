@@ -1,16 +1,18 @@
-"""After an ONNX export: the graph must take the example's inputs and follow torch on a second,
-different example (a graph traced to constants, e.g. by a numpy round trip, is an error)."""
+"""After an ONNX export: the graph must take the example's inputs, follow torch on a second, different example
+(a graph traced to constants, e.g. by a numpy round trip, is an error) and, where it has dynamic axes, follow
+torch at other sizes along them (a graph that baked the example's batch or sequence length is an error)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Mapping
 
+import numpy as np
 import torch
 
 from .deps import require
 from .errors import ExportError, first_line
-from .io_spec import IOSpec, NamedIOModule, second_example
+from .io_spec import IOSpec, NamedIOModule, resized_example, second_example
 
 EXTRA = "onnx"
 # ORT may differ from torch by this much (relative L2 error of an output) before the export counts as broken:
@@ -59,7 +61,6 @@ def _numpy(t: torch.Tensor) -> Any:
 
 
 def _relative_error(got: Any, want: Any) -> float:
-    import numpy as np
 
     got = np.asarray(got, dtype=np.float64)
     want = np.asarray(want, dtype=np.float64)
@@ -80,7 +81,6 @@ def check_follows_torch(path: Path, wrapper: NamedIOModule, spec: IOSpec, info: 
 
     Returns "passed", or "skipped (reason)" when onnxruntime is missing or cannot run the file.
     """
-    import numpy as np
 
     try:
         from .ort_runtime import OrtRunner
@@ -128,3 +128,55 @@ def check_follows_torch(path: Path, wrapper: NamedIOModule, spec: IOSpec, info: 
                 f"{why}); {FIX}"
             )
     return "passed"
+
+
+def check_other_sizes(path: Path, wrapper: NamedIOModule, spec: IOSpec, info: Mapping[str, Any]) -> dict[str, Any]:
+    """Run torch and onnxruntime on an example of other sizes along the graph's dynamic axes (batch + 1, sequence
+    - 1: :func:`~exporters.io_spec.resized_example`); raise :class:`ExportError` when onnxruntime cannot run the
+    graph there or its outputs do not follow torch's (relative L2 error above ``FOLLOW_TOLERANCE``).
+
+    Returns ``{"status": "passed", "sizes": {axis: size}, "rel_l2": worst error}``, or ``{"status": "skipped (why)"}``
+    when there is no dynamic axis, onnxruntime is missing or the model itself rejects the other sizes.
+    """
+    fixed = info.get("fixed_axes") or {}
+    example, sizes = resized_example(spec.inputs, spec.dynamic_axes, fixed)
+    if not sizes:
+        return {"status": "skipped (no dynamic axis in the graph)"}
+    try:
+        from .ort_runtime import OrtRunner
+
+        runner = OrtRunner(path, threads=1)
+    except ImportError:
+        return {"status": "skipped (onnxruntime is not installed)"}
+    except ExportError as exc:
+        return {"status": f"skipped (onnxruntime cannot load the file: {first_line(exc)})"}
+    shown = ", ".join(f"{label} {n}" for label, n in sizes.items())
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            want = [_numpy(t) for t in wrapper(*example.values())]
+    except Exception as exc:  # noqa: BLE001 - the model's own limit (e.g. a fixed reshape): nothing to compare
+        return {"status": f"skipped (the model rejects {shown}: {first_line(exc)})"}
+    who, why = _exporter_phrase(info)
+    try:
+        got = runner({k: _numpy(v) for k, v in example.items()})
+    except Exception as exc:  # onnxruntime's own error types: the graph cannot run there
+        raise ExportError(
+            f"the exported graph does not run at other sizes along its dynamic axes ({shown}): {first_line(exc)} "
+            f"({who} fixed a size of the example{why}); keep shape arithmetic in torch ops (no int(), .item() or "
+            "Python loops over sizes), or export with dynamic=False for fixed sizes"
+        ) from exc
+    worst = 0.0
+    for name, w in zip(runner.output_names, want):
+        g = got[name]
+        if not (np.issubdtype(np.asarray(w).dtype, np.floating) or np.issubdtype(np.asarray(g).dtype, np.floating)):
+            continue
+        err = _relative_error(g, w)
+        worst = max(worst, err)
+        if err > FOLLOW_TOLERANCE:
+            raise ExportError(
+                f"the exported graph does not follow the model at other sizes along its dynamic axes ({shown}): output "
+                f"'{name}' differs from torch by relative error {err:.3g} > {FOLLOW_TOLERANCE} ({who} baked a size of the "
+                f"example into the graph{why}); keep shape arithmetic in torch ops, or export with dynamic=False"
+            )
+    return {"status": "passed", "sizes": sizes, "rel_l2": worst}

@@ -155,8 +155,20 @@ def _accepts_return_dict(model: nn.Module) -> bool:
         return False
 
 
+def call_options(model: nn.Module) -> dict[str, Any]:
+    """Keyword options every call of ``model`` gets: ``use_cache=False`` when its forward takes ``use_cache`` (a
+    Hugging Face decoder), so that it returns no KV cache and a causal LM maps ``input_ids`` (+ mask) to logits
+    only; nothing for any other module."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return {}
+    return {"use_cache": False} if "use_cache" in params else {}
+
+
 class NamedIOModule(nn.Module):
-    """Wrap ``model`` so forward takes tensors positionally in ``names`` order and returns a flat tuple."""
+    """Wrap ``model`` so forward takes tensors positionally in ``names`` order and returns a flat tuple
+    (a Hugging Face decoder is called with ``use_cache=False``: logits, no KV cache)."""
 
     def __init__(self, model: nn.Module, names: Sequence[str], positional: bool) -> None:
         super().__init__()
@@ -164,16 +176,19 @@ class NamedIOModule(nn.Module):
         self.names = list(names)
         self.positional = positional
         self.return_dict = not positional and _accepts_return_dict(model)
+        self.options = call_options(model)
+
+    def call(self, *args: torch.Tensor) -> Any:
+        """The model's own output for ``args`` (in ``names`` order)."""
+        if self.positional:
+            return self.model(*args, **self.options)
+        kwargs: dict[str, Any] = dict(zip(self.names, args))
+        if self.return_dict:
+            kwargs["return_dict"] = True
+        return self.model(**kwargs, **self.options)
 
     def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        if self.positional:
-            out = self.model(*args)
-        else:
-            kwargs: dict[str, Any] = dict(zip(self.names, args))
-            if self.return_dict:
-                kwargs["return_dict"] = True
-            out = self.model(**kwargs)
-        return tuple(t for _, t in flatten_outputs(out))
+        return tuple(t for _, t in flatten_outputs(self.call(*args)))
 
 
 def unique_names(names: Sequence[str]) -> list[str]:
@@ -206,9 +221,7 @@ def prepare(
     wrapper = NamedIOModule(model, list(inputs), positional).eval()
     with torch.no_grad():
         try:
-            out = wrapper.model(*inputs.values()) if positional else wrapper.model(
-                **dict(inputs), **({"return_dict": True} if wrapper.return_dict else {})
-            )
+            out = wrapper.call(*inputs.values())
         except Exception as exc:
             from .errors import first_line
 
@@ -292,3 +305,31 @@ def second_example(inputs: Mapping[str, torch.Tensor], seed: int = 0) -> Ordered
             else:
                 out[name] = torch.randint(lo, hi + 1, tuple(t.shape), generator=gen, dtype=t.dtype).to(t.device)
     return out
+
+
+def resized_example(
+    inputs: Mapping[str, torch.Tensor], axes: Mapping[str, Mapping[int, str]],
+    fixed: Mapping[str, Mapping[int, int]] | None = None, seed: int = 1,
+) -> tuple[OrderedDict[str, torch.Tensor], dict[str, int]]:
+    """A valid example of other sizes along the dynamic axes, and those sizes by axis name.
+
+    The values come from :func:`second_example`; the batch axis grows by one, every other dynamic axis (the
+    sequence) shrinks by one (grows from 2, the smallest exported size), so that a model with a position limit
+    is not pushed past it. Axes the graph fixed (``fixed``: input -> axis -> size) keep their size, and so does
+    every axis sharing a name with one of them.
+    """
+    base = second_example(inputs, seed)
+    frozen = {label for name, spec in axes.items() for axis, label in spec.items() if axis in (fixed or {}).get(name, {})}
+    sizes: dict[str, int] = {}
+    for name, spec in axes.items():
+        for axis, label in spec.items():
+            if label not in frozen and label not in sizes:
+                n = int(inputs[name].shape[axis])
+                sizes[label] = n + 1 if label == BATCH or n <= 2 else n - 1
+    out: OrderedDict[str, torch.Tensor] = OrderedDict()
+    for name, t in base.items():
+        for axis, label in axes.get(name, {}).items():
+            if label in sizes and t.shape[axis] != sizes[label]:
+                t = t.index_select(axis, torch.arange(sizes[label], device=t.device) % t.shape[axis])
+        out[name] = t
+    return out, sizes

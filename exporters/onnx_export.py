@@ -20,7 +20,7 @@ from ._logs import capture_logs, quiet_logger
 from .base import Exporter, ExportResult, Runner
 from .deps import require
 from .errors import BadInput, CorruptArtifact, ExportError, UnsupportedOp, first_line
-from .graph_check import check_follows_torch, check_graph_inputs
+from .graph_check import check_follows_torch, check_graph_inputs, check_other_sizes
 from .io_spec import ExampleInputs, IOSpec, NamedIOModule, eval_mode, locate_op, prepare
 
 EXTRA = "onnx"
@@ -149,6 +149,33 @@ def _rename_dynamic_dims(path: Path, spec: IOSpec) -> dict[str, Any]:
     return {"fixed_axes": fixed} if fixed else {}
 
 
+POSITION_KEYS = ("n_positions", "max_position_embeddings")  # where a Hugging Face config keeps its position limit
+
+
+def model_metadata(model: nn.Module) -> dict[str, str]:
+    """Key/value metadata stored in the artifact: for a model with a Hugging Face config, its class
+    (``architecture``) and the longest sequence it takes (``max_positions``), which runners of the file read."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "to_dict"):
+        return {}
+    meta = {"architecture": type(model).__name__}
+    for key in POSITION_KEYS:
+        value = getattr(config, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            meta["max_positions"] = str(value)
+            break
+    return meta
+
+
+def _write_metadata(path: Path, meta: Mapping[str, str]) -> None:
+    """Add ``meta`` to the ONNX file's ``metadata_props`` (external weights stay where they are)."""
+    onnx = require("onnx", EXTRA)
+    model = onnx.load(str(path), load_external_data=False)
+    for key, value in meta.items():
+        model.metadata_props.add(key=key, value=value)
+    onnx.save(model, str(path))
+
+
 def _fp16_converter() -> Any:
     try:
         from onnxruntime.transformers.float16 import convert_float_to_float16
@@ -253,6 +280,12 @@ def export_onnx(
     a mapping ``{input: {axis: name}}`` overrides. ``external_data=None`` stores weights in ``<file>.data``
     only when the model holds over 2 GB. ``fp16`` converts float weights (I/O stays fp32); ``int8`` applies
     dynamic int8 weight quantisation to MatMul/Gemm-like ops.
+
+    A Hugging Face decoder (a forward taking ``use_cache``) is exported with ``use_cache=False``: ``input_ids``
+    (+ ``attention_mask``) -> ``logits``, no KV cache. The result is checked with onnxruntime on a second example
+    (``info["output_check"]``) and at other sizes along the dynamic axes (``info["dynamic_check"]``: batch + 1,
+    sequence - 1, the worst relative L2 error of the outputs). A model with a Hugging Face config stores its class
+    and position limit in the file's metadata (``architecture``, ``max_positions``: :func:`model_metadata`).
     """
     require("onnx", EXTRA)
     require("onnxscript", EXTRA)
@@ -285,11 +318,16 @@ def export_onnx(
         large = info["external_data"]
         if info["exporter"] == "dynamo":
             info.update(_rename_dynamic_dims(staged, spec))
+        meta = model_metadata(model)
+        if meta:
+            _write_metadata(staged, meta)
+            info["metadata"] = meta
         if fp16:
             convert_to_fp16(staged, large)
         check_onnx(staged)
         check_graph_inputs(staged, spec, info)
         info["output_check"] = check_follows_torch(staged, wrapper, spec, info)
+        info["dynamic_check"] = check_other_sizes(staged, wrapper, spec, info)
         if int8:
             from .quantize import quantize_int8
 

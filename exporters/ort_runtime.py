@@ -65,6 +65,10 @@ class OrtRunner:
         self.input_types = {i.name: _ORT_TYPES.get(i.type) for i in meta_in}
         self.input_shapes = {i.name: list(i.shape) for i in meta_in}
         self.output_names = [o.name for o in self.session.get_outputs()]
+        try:
+            self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
+        except Exception:  # noqa: BLE001 - metadata is optional
+            self.metadata = {}
 
     def _feed(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         missing = [n for n in self.input_names if n not in inputs]

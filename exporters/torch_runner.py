@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .errors import BadInput
-from .io_spec import SINGLE_INPUT, flatten_outputs
+from .io_spec import SINGLE_INPUT, call_options, flatten_outputs
 
 
 @contextmanager
@@ -34,7 +34,8 @@ class TorchRunner:
 
     A feed whose only name is ``input`` is passed positionally, any other by keyword. ``input_names`` is empty
     (the module takes what it is given); ``output_names`` is filled by the first call. ``threads``: torch's
-    thread count during a call, restored after it.
+    thread count during a call, restored after it. A Hugging Face decoder is called with ``use_cache=False``
+    (logits, no KV cache), as it is exported.
     """
 
     available_for_prediction = True
@@ -52,7 +53,8 @@ class TorchRunner:
     def __call__(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         feed = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in inputs.items()}
         with torch_threads(self.threads), torch.no_grad():
-            out = self.model(feed[SINGLE_INPUT]) if list(feed) == [SINGLE_INPUT] else self.model(**feed)
+            options = call_options(self.model)
+            out = self.model(feed[SINGLE_INPUT], **options) if list(feed) == [SINGLE_INPUT] else self.model(**feed, **options)
         res = {k: v.detach().float().numpy() for k, v in flatten_outputs(out)}
         self.output_names = list(res)
         return res

@@ -31,4 +31,5 @@ __getattr__, __all__ = lazy_face(__name__, {
     "RecoveryReport": "recovery.report",
     "CompressionReport": "workflow.report",
     "resolve": "io.sources",
+    "perplexity": "edge.perplexity",
 })

@@ -17,6 +17,7 @@ import exporters
 from exporters import (
     BadInput,
     CorruptArtifact,
+    ExportError,
     MissingDependency,
     PredictionUnavailable,
     UnsupportedOp,
@@ -331,6 +332,40 @@ def test_legacy_fallback_is_recorded(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert result.info["fallback_reason"] == "dynamo exporter unavailable in this test"
     got = ort_runner(result.path)(_np(test_inputs))["output"]  # dynamic axes via dynamic_axes
     assert np.abs(got - _torch_out(model, test_inputs)).max() <= 1e-4
+
+
+class SizeScaled(nn.Module):
+    """Scales its output by the batch size through a Python float: a tracer bakes the example's size in."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x) * float(x.shape[0])
+
+
+@needs_onnx
+def test_graph_that_baked_a_dynamic_size_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*args, **kwargs):
+        raise RuntimeError("dynamo exporter unavailable in this test")
+
+    monkeypatch.setattr(exporters.onnx_export, "_export_dynamo", broken)
+    torch.manual_seed(0)
+    with pytest.raises(ExportError, match=r"does not follow the model at other sizes along its dynamic axes \(batch 5\)"):
+        get_exporter("onnx").export_with_info(SizeScaled(), torch.randn(4, 8), tmp_path / "baked.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
+@needs_onnx
+def test_dynamic_axes_are_checked_at_other_sizes(tmp_path: Path) -> None:
+    model, example, _ = _make("token")
+    info = get_exporter("onnx").export_with_info(model, example, tmp_path / "tok.onnx").info
+    sizes = info["dynamic_check"]["sizes"]
+    assert info["dynamic_check"]["status"] == "passed" and info["dynamic_check"]["rel_l2"] < 1e-4
+    assert sizes == {"batch": example["input_ids"].shape[0] + 1, "sequence": example["input_ids"].shape[1] - 1}
+    fixed = get_exporter("onnx").export_with_info(model, example, tmp_path / "fixed.onnx", dynamic=False).info
+    assert fixed["dynamic_check"]["status"].startswith("skipped (no dynamic axis")
 
 
 @needs_onnx

@@ -13,7 +13,7 @@ from typing import Any, Iterator
 import click
 
 from ..errors import DataWarning, Interrupted, LrcompressError
-from . import compress, edge, recovery, workflow  # noqa: F401  (registers the commands on the group)
+from . import compress, edge, evaluate, recovery, workflow  # noqa: F401  (registers the commands on the group)
 from .common import cli
 
 __all__ = ["cli", "main"]

@@ -82,6 +82,9 @@ def export(source: str, targets: tuple, output: str | None, fp16: bool, fp32: bo
 @click.option("--min-top1-agreement", type=str, default=None, help="Gate: argmax agreement for logits.")
 @click.option("--max-latency-ratio", type=str, default=None, help="Gate: candidate p50 / reference p50.")
 @click.option("--max-size-ratio", type=str, default=None, help="Gate: candidate bytes / reference bytes.")
+@click.option("--max-ppl-ratio", type=str, default=None,
+              help="Gate for causal LMs: candidate / reference perplexity on the --data text (tokenized once as one "
+                   "stream; windows of the model's positions up to 1024, non-overlapping; see lrcompress eval).")
 @apply_options(source_options)
 @click.option("--json", "json_file", type=str, default=None, help="Also write the report as JSON to this file.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --json file.")
@@ -89,7 +92,7 @@ def export(source: str, targets: tuple, output: str | None, fp16: bool, fp32: bo
 def validate(candidate: str, reference: str, data_path: str, runtime: str | None, threads: int, batch_size: int,
              max_length: int, samples: int | None, runs: int, time_budget: float | None, max_cosine_drift: str | None,
              max_abs_error: str | None, min_top1_agreement: str | None, max_latency_ratio: str | None,
-             max_size_ratio: str | None, weights: str | None, trust_pickle: bool, trust_code: bool,
+             max_size_ratio: str | None, max_ppl_ratio: str | None, weights: str | None, trust_pickle: bool, trust_code: bool,
              json_file: str | None, overwrite: bool, quiet: bool) -> None:
     """Compare CANDIDATE with --reference on real data: drift, latency, size; exit 1 if a gate fails."""
 
@@ -104,7 +107,8 @@ def validate(candidate: str, reference: str, data_path: str, runtime: str | None
         "max_abs_error": parse_number("--max-abs-error", max_abs_error, float),
         "min_top1_agreement": parse_number("--min-top1-agreement", min_top1_agreement, float),
         "max_latency_ratio": parse_number("--max-latency-ratio", max_latency_ratio, float),
-        "max_size_ratio": parse_number("--max-size-ratio", max_size_ratio, float)})
+        "max_size_ratio": parse_number("--max-size-ratio", max_size_ratio, float),
+        "max_ppl_ratio": parse_number("--max-ppl-ratio", max_ppl_ratio, float)})
     if threads < 1:
         raise ConfigError(f"--threads {threads} must be >= 1; e.g. --threads 1")
     check_timing(runs, time_budget)

@@ -16,10 +16,12 @@ from ..errors import ConfigError
 from ..io.checkpoint import atomic_folder
 from ..io.data import read_tensors
 from ..planning.targets import check_finite
+from .lm import is_hf_causal_lm
 
 __all__ = ["EncoderForCoreML", "SAMPLE_SENTENCE", "coreml_view", "example_inputs", "export_all",
            "export_table", "quantizations", "size_of", "target_names"]
 
+CAUSAL_INPUTS = ("input_ids", "attention_mask")  # what a causal LM is exported with (no token types, no KV cache)
 SAMPLE_SENTENCE = "The quick brown fox jumps over the lazy dog near the river bank."
 
 
@@ -58,7 +60,8 @@ def export_all(model: nn.Module, inputs: dict[str, torch.Tensor], out: str | Pat
                overwrite: bool = False) -> list[dict[str, Any]]:
     """Write the artifacts of ``targets`` (``model.onnx``, ``model.ort``, ``model.mlpackage``...; with
     ``quantize`` also ``model.int8.onnx``, from which the .ort is then converted) into ``out``; returns one
-    row per artifact (target, path, bytes, seconds, the exporter's details) in the registry's chain order."""
+    row per artifact (target, path, bytes, seconds, the exporter's details) in the registry's chain order.
+    A Hugging Face causal LM is exported as ``input_ids`` (+ ``attention_mask``) -> ``logits`` (no KV cache)."""
 
     valid = target_names()
     bad = [t for t in targets if t not in valid]
@@ -73,6 +76,8 @@ def export_all(model: nn.Module, inputs: dict[str, torch.Tensor], out: str | Pat
     if not isinstance(opset, int) or not 18 <= opset <= 23:
         raise ConfigError(f"--opset {opset!r} is outside [18, 23]; the torch.export-based exporter needs >= 18")
     check_finite(model, "exporting")
+    if is_hf_causal_lm(model) and "input_ids" in inputs:
+        inputs = {k: v for k, v in inputs.items() if k in CAUSAL_INPUTS}  # a decoder: ids (+ mask) -> logits
     steps = exporters.plan_exports(targets, () if quantize in (None, "none") else (quantize,))
     for step in steps:  # before anything is written
         step.exporter.ensure_available()

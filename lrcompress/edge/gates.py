@@ -15,6 +15,7 @@ GATES = {  # name -> (report key, direction, allowed range of the limit)
     "min_top1_agreement": ("top1_agreement", "min", (0.0, 1.0)),
     "max_latency_ratio": ("latency_ratio", "max", (0.0, math.inf)),
     "max_size_ratio": ("size_ratio", "max", (0.0, math.inf)),
+    "max_ppl_ratio": ("ppl_ratio", "max", (0.0, math.inf)),  # causal LMs: candidate / reference perplexity
 }
 FINITE_GATE = "non_finite_examples"  # always checked: examples whose candidate output has NaN/Inf
 
@@ -29,7 +30,8 @@ def check_gates(gates: Mapping[str, float | None]) -> dict[str, float]:
             raise ConfigError(f"unknown gate {name!r}; valid: {', '.join(GATES)}")
         lo, hi = GATES[name][2]
         flag = "--" + name.replace("_", "-")
-        example = {"max_cosine_drift": 0.02, "max_abs_error": 0.05, "min_top1_agreement": 0.99}.get(name, 1.5)
+        example = {"max_cosine_drift": 0.02, "max_abs_error": 0.05, "min_top1_agreement": 0.99,
+                   "max_ppl_ratio": 1.1}.get(name, 1.5)
         if not isinstance(value, (int, float)) or not math.isfinite(value):
             raise ConfigError(f"{flag} {value!r} is not a finite number; give e.g. {flag} {example}")
         if not lo <= value <= hi:
@@ -65,6 +67,7 @@ class ValidationReport:
     structure: dict[str, Any] = field(default_factory=dict)
     gates: list[dict[str, Any]] = field(default_factory=list)
     setup: dict[str, Any] = field(default_factory=dict)
+    perplexity: dict[str, Any] = field(default_factory=dict)  # causal LMs with max_ppl_ratio: PerplexityReport dict
 
     @property
     def failed(self) -> list[dict[str, Any]]:
@@ -98,6 +101,14 @@ class ValidationReport:
             lines.append(f"structure: inputs {[i.get('name') for i in st.get('inputs', [])]}, outputs "
                          f"{[o.get('name') for o in st.get('outputs', [])]}, {sum(ops.values()) if ops else '?'} ops"
                          + (f", weights {st['weight_bytes'] / 1e6:.2f} MB" if st.get("weight_bytes") else ""))
+        if self.perplexity.get("models"):
+            p = self.perplexity
+            ref, cand = p["models"][0], p["models"][-1]
+            top1 = cand.get("top1_agreement")
+            lines.append(f"perplexity reference {ref['ppl']:.4f} ({ref['runtime']}), candidate {cand['ppl']:.4f} "
+                         f"({cand['runtime']}): ratio {cand['ratio']:.4f}, next-token top-1 agreement "
+                         f"{'-' if top1 is None else f'{top1:.4f}'} over {p['scored']:,} tokens (windows of "
+                         f"{p['seq_len']}, stride {p['stride']})")
         if self.sizes:
             lines.append("size " + ", ".join(f"{k} {v / 1e6:.2f} MB" for k, v in self.sizes.items()))
         for g in self.gates:
@@ -114,7 +125,7 @@ def apply_gates(report: ValidationReport, gates: dict[str, float]) -> None:
         report.gates.append({"gate": FINITE_GATE, "limit": 0, "value": report.non_finite, "status": "failed",
                              "by": report.non_finite, "why": "the candidate outputs NaN/Inf on these examples"})
     values: dict[str, float | None] = {"cosine_drift": None, "max_abs": None, "top1_agreement": None,
-                                       "latency_ratio": None, "size_ratio": None}
+                                       "latency_ratio": None, "size_ratio": None, "ppl_ratio": None}
     if report.outputs:
         values["cosine_drift"] = max(1 - o["cos_mean"] for o in report.outputs.values())
         values["max_abs"] = max(o["max_abs"] for o in report.outputs.values())
@@ -123,6 +134,8 @@ def apply_gates(report: ValidationReport, gates: dict[str, float]) -> None:
     lat = report.latency
     if "p50_ms" in lat.get("candidate", {}) and "p50_ms" in lat.get("reference", {}):
         values["latency_ratio"] = lat["candidate"]["p50_ms"] / lat["reference"]["p50_ms"]
+    if len(report.perplexity.get("models", [])) > 1:
+        values["ppl_ratio"] = report.perplexity["models"][-1]["ratio"]
     if report.sizes.get("reference"):
         values["size_ratio"] = report.sizes["candidate"] / report.sizes["reference"]
     for name, limit in gates.items():

@@ -18,7 +18,7 @@ from torch import nn
 import exporters
 from exporters import OutputComparison, Runner, TorchRunner
 
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, SourceError
 from ..io.checkpoint import MANIFEST, load, versions
 from ..io.data import TensorData, TextData, is_positional
 from ..workflow.report import param_bytes
@@ -32,6 +32,8 @@ from .gates import (
     check_gates,
     check_timing,
 )
+from .lm import TorchLM, check_causal, max_positions
+from .perplexity import data_tokens, perplexity, plan_windows
 
 __all__ = ["FINITE_GATE", "GATES", "TORCH_RUNTIMES", "ReferenceCache", "TorchRunner", "ValidationReport", "apply_gates",
            "check_gates", "check_timing", "feeds", "latency_feed", "model_runner", "runtimes", "select", "validate"]
@@ -103,16 +105,29 @@ def validate(candidate: str, reference: nn.Module, reference_name: str, data: Te
              runs: int = 50, warmup: int = 5, time_budget: float | None = None, gates: Mapping[str, float] | None = None,
              trust_pickle: bool = False, trust_code: bool = False,
              progress: Callable[[str, int, int], None] | None = None,
-             reference_cache: ReferenceCache | None = None) -> ValidationReport:
+             reference_cache: ReferenceCache | None = None, ppl_seq_len: int | None = None,
+             ppl_stride: int | None = None) -> ValidationReport:
     """Compare ``candidate`` with ``reference`` on ``data`` in ``runtime`` and apply ``gates``.
     ``reference_cache``: the reference exported once, its outputs and latency kept across calls
-    with the same data and settings (a sweep)."""
+    with the same data and settings (a sweep).
+
+    With the ``max_ppl_ratio`` gate the reference must be a causal LM: the text of ``data`` (lines joined by
+    newlines) is tokenized once and the candidate, as it runs on ``runtime``, and the reference in torch are
+    scored with sliding-window perplexity (``ppl_seq_len``: window, default the model's positions up to 1024;
+    ``ppl_stride``: default the window); the gate is candidate / reference perplexity, and the report gives
+    both perplexities and the candidate's next-token top-1 agreement with the reference."""
     if threads < 1:
         raise ConfigError(f"--threads {threads} must be >= 1; e.g. --threads 1")
     if batch_size < 1:
         raise ConfigError(f"--batch-size {batch_size} must be >= 1; e.g. --batch-size 8")
     check_timing(runs, time_budget)
     limits = check_gates(dict(gates or {}))
+    limit = max_positions(reference)
+    if limit is not None and isinstance(data, TextData) and max(max_length, data.max_length) > limit[0]:
+        raise ConfigError(f"--max-length {max(max_length, data.max_length)} is beyond the {limit[0]} positions of the "
+                          f"reference (config.{limit[1]}); pass --max-length {limit[0]} or less ([data] max_length in a recipe)")
+    ppl = _perplexity_setup(reference, reference_name, data, threads, ppl_seq_len, ppl_stride) \
+        if "max_ppl_ratio" in limits else None
     p = Path(candidate)
     if not p.exists():
         suffixes = list(dict.fromkeys(exporters.get_exporter(n).suffix for n in exporters.target_names()))
@@ -161,6 +176,13 @@ def validate(candidate: str, reference: nn.Module, reference_name: str, data: Te
             report.latency = {"candidate": {"status": report.status}}
             apply_gates(report, limits)
             return report
+        if ppl is not None:
+            tokens, seq_len, stride = ppl
+            name = candidate if candidate != reference_name else f"{candidate} (candidate)"
+            cb = (lambda who, d, n: progress(f"perplexity {who}", d, n)) if progress else None
+            report.perplexity = perplexity({reference_name: reference, name: cand_runner}, tokens, seq_len=seq_len,
+                                           stride=stride, text="the --data text", threads=threads,
+                                           progress=cb).to_dict()
         acc = OutputComparison()
         for i, (feed, mask) in enumerate(batches):
             if cache is not None and i < len(cache.outputs):
@@ -202,3 +224,22 @@ def model_runner(model: nn.Module, runtime: str, example: dict[str, torch.Tensor
     exp = exporters.exporter_for_runtime(runtime)
     path = exp.export_with_info(model, example, folder / exp.file_name(stem)).path
     return exp.load(path, threads=threads), size_of(path)
+
+
+def _perplexity_setup(reference: nn.Module, reference_name: str, data: TextData | TensorData, threads: int,
+                      seq_len: int | None, stride: int | None) -> tuple[torch.Tensor, int, int]:
+    """For the ``max_ppl_ratio`` gate, before anything is exported: the reference must be a causal LM and the data
+    must hold one window; returns the token stream, the window and the stride."""
+    try:
+        lm = TorchLM(reference, reference_name, threads)
+    except SourceError as e:
+        raise ConfigError(f"--max-ppl-ratio needs a causal language model as the reference, but {e}; drop the gate "
+                          "or validate a decoder (*ForCausalLM)") from None
+    tokens = data_tokens(data)
+    seq_len, stride = plan_windows([lm], len(tokens), seq_len, stride, "the --data text")
+    try:
+        check_causal(lm, tokens[: min(8, seq_len)].reshape(1, -1))
+    except SourceError as e:
+        raise ConfigError(f"--max-ppl-ratio needs a causal language model as the reference, but {e}; drop the gate "
+                          "or validate a decoder") from None
+    return tokens, seq_len, stride

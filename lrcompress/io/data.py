@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -76,6 +77,21 @@ def read_lines(path: str | Path, limit: int | None = None) -> list[str]:
     return lines
 
 
+def with_pad_token(tokenizer: Any) -> Any:
+    """``tokenizer``, or for one without a padding token (GPT-2's) a copy that pads with its
+    end-of-text (or unknown) token; padded positions are masked out of every statistic. The
+    caller's tokenizer is left as it is."""
+    if tokenizer is None or getattr(tokenizer, "pad_token", "") is not None:
+        return tokenizer
+    fill = getattr(tokenizer, "eos_token", None) or getattr(tokenizer, "unk_token", None)
+    if fill is None:
+        raise DataError("the tokenizer has no padding, end-of-text or unknown token to pad a batch of lines with; "
+                        "pass token ids (.npz with input_ids and attention_mask)")
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.pad_token = fill
+    return tokenizer
+
+
 class TextData:
     """Lines of text tokenized with the model's tokenizer, padded per batch, mask kept."""
 
@@ -84,7 +100,7 @@ class TextData:
             raise DataError(f"--max-length {max_length} must be >= 1; e.g. --max-length 128")
         if not lines:
             raise DataError("no text examples given; pass a file with at least one non-blank line")
-        self.lines, self.tokenizer, self.max_length = lines, tokenizer, max_length
+        self.lines, self.tokenizer, self.max_length = lines, with_pad_token(tokenizer), max_length
 
     def __len__(self) -> int:
         return len(self.lines)

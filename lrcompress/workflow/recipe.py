@@ -21,7 +21,8 @@ from ..errors import ConfigError
 from ..methods import registry
 from .schema import Spec, spec_of
 
-GATES = ("max_cosine_drift", "max_abs_error", "min_top1_agreement", "max_latency_ratio", "max_size_ratio")
+GATES = ("max_cosine_drift", "max_abs_error", "min_top1_agreement", "max_latency_ratio", "max_size_ratio",
+         "max_ppl_ratio")
 BUDGETS = ("rank", "ratio", "energy", "latency")
 
 
@@ -116,6 +117,7 @@ class ValidateSection:
     min_top1_agreement: float | None = field(default=None, metadata={"example": "0.95"})
     max_latency_ratio: float | None = field(default=None, metadata={"example": "1.0"})
     max_size_ratio: float | None = field(default=None, metadata={"example": "0.5"})
+    max_ppl_ratio: float | None = field(default=None, metadata={"example": "1.1"})  # causal LMs: perplexity ratio
 
     @property
     def gates(self) -> dict[str, float]:
