@@ -25,7 +25,10 @@ __all__ = ["CAUSAL_SUFFIXES", "LanguageModel", "RunnerLM", "TorchLM", "as_langua
 CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")  # transformers' class names of decoders with an LM head
 POSITION_KEYS = ("n_positions", "max_position_embeddings")  # where a config keeps its position limit
 PROBE_TOKENS = 8  # length of the causality probe
-PROBE_TOLERANCE = 1e-3  # relative change of earlier logits when only a later token changes
+# relative change of earlier logits when only a later token changes: 0 for an exact causal LM; an int8 model with
+# dynamic (per-tensor) activation scales leaks ~1e-2 through the scale of the whole sequence, a model that attends
+# to later tokens changes them by far more
+PROBE_TOLERANCE = 0.05
 
 
 class LanguageModel(Protocol):
