@@ -16,6 +16,7 @@ import lrcompress as lc
 from lrcompress.methods.kinds import is_linear, layer_matrix
 from lrcompress.methods.layers import LowRankEmbedding, LowRankLinear
 from tests.conftest import run_main
+from tests.decoder_fixture import tiny_decoder  # noqa: F401  (the trained tiny decoder, built once per session)
 
 transformers = pytest.importorskip("transformers")
 
@@ -184,3 +185,18 @@ def test_targets_naming_only_an_unsupported_module_is_refused(folders: dict[str,
     expect_user_error(["compress", folders["opt"], "--calib", folders["calib"], "--ratio", "0.5", "--targets",
                        "model.decoder.embed_positions", "-o", tmp_path / "out"], capsys, tmp_path,
                       ["embed_positions", "unsupported type OPTLearnedPositionalEmbedding", "Conv1D"])
+
+
+def test_max_length_fits_a_small_decoder(tiny_decoder: Path, tmp_path: Path,  # noqa: F811
+                                         capsys: pytest.CaptureFixture) -> None:
+    """The default --max-length (128) is lowered to a 64-position decoder's limit; a value the
+    user gives beyond it is refused in one line."""
+    from tests.conftest import expect_user_error
+    code, _, err = run_main(["compress", tiny_decoder, "--calib", tiny_decoder / "calib.txt", "--ratio", "0.8",
+                             "--targets", "transformer.h", "--calib-samples", "32", "-o", tmp_path / "ck", "-q"], capsys)
+    assert code == 0, err
+    again, _ = lc.load(tmp_path / "ck")
+    assert type(again).__name__ == "GPT2LMHeadModel"
+    expect_user_error(["compress", tiny_decoder, "--calib", tiny_decoder / "calib.txt", "--max-length", "100",
+                       "--ratio", "0.8", "-o", tmp_path / "out"], capsys, tmp_path,
+                      ["--max-length 100", "64 positions", "n_positions"])

@@ -152,3 +152,17 @@ def check_paths(*, inputs: Iterable[str | None] = (), sources: Iterable[str | No
             check_output_file(flag, out, overwrite=overwrite, suffixes=PLOT_SUFFIXES if flag in plots else None)
     check_distinct({k: v for k, v in {**folders, **files, **plots, **others}.items() if v and v != "-"})
 
+
+
+def fit_max_length(model: Any, max_length: int) -> int:
+    """``--max-length`` within the model's positions: the default is lowered to them (a small
+    decoder may hold fewer than 128), a value the user gave beyond them is refused."""
+    from ..edge.lm import max_positions
+    limit = max_positions(model)
+    if limit is None or max_length <= limit[0]:
+        return max_length
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None and ctx.get_parameter_source("max_length") == click.core.ParameterSource.DEFAULT:
+        return limit[0]
+    raise ConfigError(f"--max-length {max_length} exceeds the model's {limit[0]} positions ({limit[1]} in its "
+                      f"config); use --max-length {limit[0]} or less")

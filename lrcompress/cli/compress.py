@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import fields
+from dataclasses import fields, replace
 from typing import Any
 
 import click
@@ -17,6 +17,7 @@ from .common import (
     check_device,
     check_paths,
     cli,
+    fit_max_length,
     is_writer,
     need_matplotlib,
     parse_budget,
@@ -155,6 +156,11 @@ def compress(source: str, output: str | None, weights: str | None, trust_pickle:
                         RecoverySection(rc, recover_data, kw.get("eval_data")) if rc is not None else None)
     torch.manual_seed(seed)
     loaded = resolve(source, weights=weights, trust_pickle=trust_pickle, trust_code=trust_code)
+    fitted = fit_max_length(loaded.model, max_length)
+    if fitted != max_length:  # the default, lowered to a small model's positions
+        max_length = fitted
+        config = replace(config, latency_seq=max_length)
+        rc = replace(rc, max_length=max_length) if rc is not None else None
     data = open_data(calib, loaded.tokenizer, max_length, calib_samples) if calib else None
     show = show_progress(quiet, as_json)
     if dry_run:
@@ -247,7 +253,7 @@ def inspect(source: str, weights: str | None, trust_pickle: bool, trust_code: bo
     loaded = resolve(source, weights=weights, trust_pickle=trust_pickle, trust_code=trust_code)
     stats = None
     if calib:
-        data = open_data(calib, loaded.tokenizer, max_length, calib_samples)
+        data = open_data(calib, loaded.tokenizer, fit_max_length(loaded.model, max_length), calib_samples)
         names = select_targets(loaded.model, targets, exclude, kinds=LAYER_KINDS)
         stats = calibrate(loaded.model, data.batches(batch_size), names)
     rep = run_inspect(loaded.model, stats, ratio=r, targets=targets, exclude=exclude)

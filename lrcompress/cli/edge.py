@@ -13,6 +13,7 @@ from .common import (
     apply_options,
     check_paths,
     cli,
+    fit_max_length,
     parse_number,
     progress_bar,
     show_progress,
@@ -115,6 +116,7 @@ def validate(candidate: str, reference: str, data_path: str, runtime: str | None
     check_paths(inputs=[candidate, weights, data_path], sources=[reference], files={"--json": json_file},
                 overwrite=overwrite)
     ref = resolve(reference, weights=weights, trust_pickle=trust_pickle, trust_code=trust_code)
+    max_length = fit_max_length(ref.model, max_length)  # the default, lowered to a small decoder's positions
     data = open_data(data_path, ref.tokenizer, max_length, samples)
     show = show_progress(quiet, False)
     bars: dict[str, Any] = {}
