@@ -7,7 +7,6 @@ import os
 import re
 import time
 import warnings
-from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -15,12 +14,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._files import check_target, publish, require_file, staging_dir
+from ._files import check_target, publish, staging_dir
 from ._logs import capture_logs, quiet_logger
 from .base import Exporter, ExportResult, Runner
 from .deps import require
-from .errors import BadInput, CorruptArtifact, ExportError, UnsupportedOp, first_line
+from .errors import BadInput, ExportError, UnsupportedOp, first_line
 from .graph_check import check_follows_torch, check_graph_inputs, check_other_sizes
+from .onnx_inspect import inspect_onnx
 from .io_spec import ExampleInputs, IOSpec, NamedIOModule, eval_mode, locate_op, prepare
 
 EXTRA = "onnx"
@@ -351,54 +351,6 @@ def export_onnx(
     info["warnings"] = sorted({_ANSI.sub("", first_line(w.message)) for w in caught})[:20]
     info["log"] = log_lines
     return ExportResult(path=target, info=info)
-
-
-# ----------------------------------------------------------------------------------------------- inspect
-
-
-def _value_info(onnx: Any, value: Any) -> dict[str, Any]:
-    tt = value.type.tensor_type
-    try:
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type).name
-    except (KeyError, ValueError, TypeError):
-        dtype = str(tt.elem_type)
-    shape = [d.dim_param if d.HasField("dim_param") else (int(d.dim_value) if d.HasField("dim_value") else None) for d in tt.shape.dim]
-    return {"name": value.name, "dtype": dtype, "shape": shape}
-
-
-def inspect_onnx(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Validate an .onnx file with onnx.checker and summarise it: opset, I/O, op counts, bytes."""
-    onnx = require("onnx", EXTRA)
-    p = require_file(path, "ONNX file")
-    if p.is_dir():
-        raise BadInput(f"'{p}' is a folder; pass the .onnx file")
-    try:
-        model = onnx.load(str(p), load_external_data=False)
-        onnx.checker.check_model(str(p))
-    except Exception as exc:
-        raise CorruptArtifact(f"'{p}' is not a valid ONNX model ({type(exc).__name__}: {first_line(exc)}); re-export it") from exc
-    locations = {
-        entry.value
-        for init in model.graph.initializer
-        if init.data_location == onnx.TensorProto.EXTERNAL
-        for entry in init.external_data
-        if entry.key == "location"
-    }
-    files = [p] + [p.parent / loc for loc in sorted(locations)]
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
-    return {
-        "format": "onnx",
-        "path": str(p),
-        "opset": opset,
-        "ir_version": int(model.ir_version),
-        "producer": f"{model.producer_name} {model.producer_version}".strip(),
-        "inputs": [_value_info(onnx, v) for v in model.graph.input],
-        "outputs": [_value_info(onnx, v) for v in model.graph.output],
-        "ops": dict(Counter(n.op_type for n in model.graph.node)),
-        "node_count": len(model.graph.node),
-        "external_data": bool(locations),
-        "bytes": sum(f.stat().st_size for f in files if f.exists()),
-    }
 
 
 class OnnxExporter(Exporter):

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from tests.conftest import SAMPLES, run_main
-from tests.test_perplexity import POS, VOCAB, build_tokenizer, gpt2, llama, save_folder
+from tests.test_perplexity import (  # noqa: F401  (_one_thread and tokenizer are fixtures shared with it)
+    POS, VOCAB, _one_thread, gpt2, llama, save_folder, tokenizer)
 
 transformers = pytest.importorskip("transformers")
 exporters = pytest.importorskip("exporters")
@@ -22,17 +23,6 @@ pytest.importorskip("onnxruntime")
 TOLERANCE = 1e-4  # relative L2 of the logits, ONNX Runtime vs torch, fp32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tokenizer() -> object:
-    return build_tokenizer((SAMPLES / "train.txt").read_text().splitlines())
 
 
 def _batch(batch: int, seq: int, seed: int = 3) -> dict[str, np.ndarray]:
@@ -85,7 +75,8 @@ def _export_cli(folder: Path, out: Path, capsys: pytest.CaptureFixture) -> list[
     return rows
 
 
-def test_gpt2_folder_exports_to_onnx_and_ort(tokenizer: object, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_gpt2_folder_exports_to_onnx_and_ort(tokenizer: object, tmp_path: Path,  # noqa: F811
+                                             capsys: pytest.CaptureFixture) -> None:
     model = gpt2(0)
     folder = save_folder(model, tokenizer, tmp_path / "gpt2")
     _export_cli(folder, tmp_path / "export", capsys)
@@ -95,7 +86,7 @@ def test_gpt2_folder_exports_to_onnx_and_ort(tokenizer: object, tmp_path: Path, 
         check_on_runtime(tmp_path / "export" / name, model, batch=1, seq=POS)  # the longest window
 
 
-def test_compressed_gpt2_folder_exports_to_onnx_and_ort(tokenizer: object, tmp_path: Path,
+def test_compressed_gpt2_folder_exports_to_onnx_and_ort(tokenizer: object, tmp_path: Path,  # noqa: F811
                                                         capsys: pytest.CaptureFixture) -> None:
     import lrcompress as lc
 

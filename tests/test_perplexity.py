@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
+from lrcompress.scoped import torch_threads
 from torch import nn
 
 from lrcompress.edge.perplexity import perplexity, text_tokens, windows
@@ -68,10 +70,8 @@ def save_folder(model: nn.Module, tokenizer: object, folder: Path) -> Path:
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     """One torch thread: these tiny models run 100x slower with two threads on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")

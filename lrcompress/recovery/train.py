@@ -24,7 +24,6 @@ from ..io.checkpoint import factorized_layers
 from ..io.data import Batch, TextData
 from ..io.distributed import all_min, all_sum, dist_info, init_distributed
 from ..methods.apply import set_module
-from ..methods.kinds import is_linear
 from ..planning.make_plan import layer_metric
 from ..planning.targets import layer_matrix
 from .distill import (
@@ -47,44 +46,11 @@ from .lora import (
 )
 from .report import RecoveryReport
 from .state import fingerprint, load_state, restore, save_state, snapshot
+from .reference import check_reference
 from .train_data import Data, fixed_batches, make_batch, replace_tokens, split_data
 
 __all__ = ["RecoveryConfig", "RecoveryReport", "check_reference", "dist_info", "main_output", "ortho_penalty",
            "per_example_loss", "recover", "replace_tokens"]
-
-
-# ---------------------------------------------------------------- model structure
-
-
-def check_reference(student: nn.Module, teacher: nn.Module, layers: dict[str, dict[str, Any]]) -> None:
-    """The teacher must be the student's original: same dense parameters, and a dense layer
-    of the same shape at every factorized layer (``layers``: the student's manifest entries)."""
-    names = list(layers)
-    t_mods = dict(teacher.named_modules())
-    for name in names:
-        info = layers[name]
-        t = t_mods.get(name)
-        shape = info.get("shape")
-        if not isinstance(t, (nn.Conv2d, nn.Embedding)) and not is_linear(t):
-            raise ConfigError(f"--reference has no dense layer {name!r} (the student factorized one there); "
-                              "pass the model the checkpoint was compressed from")
-        if shape is not None and info["kind"] in ("linear", "conv1x1", "embedding", "shared_linear"):
-            want = list(layer_matrix(t).shape)
-            if info["kind"] == "embedding":
-                want = list(t.weight.shape)
-            if want != list(shape):
-                raise ConfigError(f"--reference layer {name!r} has shape {want}, the student's factorized layer "
-                                  f"{list(shape)}; pass the model the checkpoint was compressed from")
-    inside = tuple(n + "." for n in names)
-    t_params = dict(teacher.named_parameters())
-    for pname, p in student.named_parameters():
-        if pname.startswith(inside):
-            continue
-        q = t_params.get(pname)
-        if q is None or q.shape != p.shape:
-            got = "missing" if q is None else f"shape {list(q.shape)}"
-            raise ConfigError(f"--reference does not match the student: parameter {pname!r} is {got} there, "
-                              f"{list(p.shape)} in the student; pass the model the checkpoint was compressed from")
 
 
 class _Trainer:
