@@ -166,3 +166,22 @@ def fit_max_length(model: Any, max_length: int) -> int:
         return limit[0]
     raise ConfigError(f"--max-length {max_length} exceeds the model's {limit[0]} positions ({limit[1]} in its "
                       f"config); use --max-length {limit[0]} or less")
+
+
+class StageBars:
+    """One progress bar per stage; starting a stage closes the previous stage's bar."""
+
+    def __init__(self, show: bool) -> None:
+        self.show, self.bars = show, {}
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        """Stage ``stage`` has done ``done`` of ``total``."""
+        if stage not in self.bars:
+            self.close()
+            self.bars[stage] = progress_bar(total, stage, self.show)
+        self.bars[stage].n = done
+        self.bars[stage].refresh()
+
+    def close(self) -> None:
+        for b in self.bars.values():
+            b.close()

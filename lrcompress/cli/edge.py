@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Any
 
 import click
 
@@ -12,10 +11,10 @@ from ..errors import ConfigError
 from .common import (
     apply_options,
     check_paths,
+    StageBars,
     cli,
     fit_max_length,
     parse_number,
-    progress_bar,
     show_progress,
     source_options,
 )
@@ -119,23 +118,14 @@ def validate(candidate: str, reference: str, data_path: str, runtime: str | None
     max_length = fit_max_length(ref.model, max_length)  # the default, lowered to a small decoder's positions
     data = open_data(data_path, ref.tokenizer, max_length, samples)
     show = show_progress(quiet, False)
-    bars: dict[str, Any] = {}
-
-    def progress(stage: str, done: int, total: int) -> None:
-        if stage not in bars:
-            for b in bars.values():
-                b.close()
-            bars[stage] = progress_bar(total, stage, show)
-        bars[stage].n = done
-        bars[stage].refresh()
+    progress = StageBars(show)
 
     try:
         report = run_validate(candidate, ref.model, reference, data, runtime=runtime, threads=threads,
                               batch_size=batch_size, max_length=max_length, runs=runs, time_budget=time_budget,
                               gates=gates, trust_pickle=trust_pickle, trust_code=trust_code, progress=progress)
     finally:
-        for b in bars.values():
-            b.close()
+        progress.close()
     if json_file is not None:
         write_text(json_file, json.dumps(report.to_dict(), indent=2, default=str) + "\n")
     if not quiet:

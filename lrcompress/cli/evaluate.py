@@ -9,7 +9,7 @@ from typing import Any
 import click
 
 from ..errors import ConfigError, SourceError
-from .common import check_paths, cli, parse_number, progress_bar, show_progress
+from .common import StageBars, check_paths, cli, parse_number, show_progress
 
 RUNTIME_SUFFIXES = (".onnx", ".ort")  # artifacts eval runs on ONNX Runtime
 
@@ -67,22 +67,13 @@ def eval_(sources: tuple[str, ...], ppl_path: str, seq_len: str | None, stride: 
         tokenizer = _tokenizer(tokenizer_path)
     tokens = text_tokens(ppl_path, tokenizer)
     show = show_progress(quiet, json_file == "-")
-    bars: dict[str, Any] = {}
-
-    def progress(name: str, done: int, total: int) -> None:
-        if name not in bars:
-            for b in bars.values():
-                b.close()
-            bars[name] = progress_bar(total, name, show)
-        bars[name].n = done
-        bars[name].refresh()
+    progress = StageBars(show)
 
     try:
         report = perplexity(models, tokens, seq_len=n_seq, stride=n_stride, max_tokens=n_max, text=repr(ppl_path),
                             threads=threads, progress=progress)
     finally:
-        for b in bars.values():
-            b.close()
+        progress.close()
     out = report.to_dict() | {"text": ppl_path}
     if json_file == "-":
         click.echo(json.dumps(out, indent=2))
