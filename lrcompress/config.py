@@ -20,6 +20,7 @@ from .methods.tucker import TuckerConfig  # noqa: F401  (re-exported)
 from .recovery.config import FOLDS, LORA_INITS, LOSS_TERMS, TRAIN_MODES, RecoveryConfig  # noqa: F401  (re-exported)
 
 ALLOCATIONS = ("uniform", "global")
+CALIBRATIONS = ("open", "closed")
 SCOPES = ("targets", "model")
 
 
@@ -49,6 +50,11 @@ class CompressConfig:
     of the original's latency on ONNX Runtime CPU with ``latency_threads`` threads on
     ``latency_batch`` x ``latency_seq`` inputs; layers not faster factorized stay dense;
     ``latency_int8``: costs measured on the int8-quantized model, as it will be exported).
+
+    ``calibration="closed"`` compresses block by block (the ``blocks`` module list, found when
+    None) and fits each layer to the original outputs from the inputs the compressed model
+    gives it (``closed_blend``: weight of the open-loop error in that fit; ``closed_ridge``:
+    ridge relative to the mean input energy).
     """
 
     method: SVDConfig = field(default_factory=WhitenedSVDConfig)
@@ -66,6 +72,10 @@ class CompressConfig:
     latency_batch: int = 1
     latency_seq: int = 128
     latency_int8: bool = False
+    calibration: str = "open"
+    closed_blend: float = 0.75
+    closed_ridge: float = 1e-4
+    blocks: str | None = field(default=None, metadata={"example": "'model.layers'"})
 
     def __post_init__(self) -> None:
         given = [k for k in ("rank", "ratio", "energy", "latency") if getattr(self, k) is not None]
@@ -83,6 +93,21 @@ class CompressConfig:
                 able = " or ".join(m.name for m in registry.methods() if m.latency_budget)
                 raise ConfigError(f"--budget latency works with --method {able} (got {self.method.name}); "
                                   "use --ratio for other methods")
+        if self.calibration not in CALIBRATIONS:
+            raise ConfigError(f"--calibration {self.calibration!r} is not one of {CALIBRATIONS}; e.g. --calibration closed")
+        blend = _check_number("--closed-blend", self.closed_blend)
+        if not 0.0 <= blend <= 1.0:
+            raise ConfigError(f"--closed-blend {self.closed_blend!r} is outside [0, 1]; it weighs the open-loop "
+                              "error in the closed-loop objective, e.g. --closed-blend 0.25")
+        ridge = _check_number("--closed-ridge", self.closed_ridge)
+        if not 0.0 <= ridge <= 1.0:
+            raise ConfigError(f"--closed-ridge {self.closed_ridge!r} is outside [0, 1]; it is relative to the mean "
+                              "input energy, e.g. --closed-ridge 1e-4")
+        if self.blocks is not None and (not isinstance(self.blocks, str) or not self.blocks.strip()):
+            raise ConfigError(f"--blocks {self.blocks!r} must be a module-list name or pattern, e.g. --blocks model.layers")
+        if self.calibration == "closed" and self.latency is not None:
+            raise ConfigError("--calibration closed works with --ratio, --rank or --energy, not --budget latency "
+                              "(latency is measured on the whole model); use --calibration open")
         if not isinstance(self.latency_int8, bool):
             raise ConfigError(f"latency_int8={self.latency_int8!r} must be true or false")
         check_seed("--seed", self.seed)

@@ -63,6 +63,20 @@ from .recovery import (
 @click.option("--probe-passes", type=int, default=2, show_default=True,
               help="Global allocation: rounds of measured layer sensitivity (0 = off).")
 @click.option("--solver", type=str, default="exact", show_default=True, help="exact | randomized SVD.")
+@click.option("--calibration", "calibration_mode", type=str, default="open", show_default=True,
+              help="open | closed: closed fits each layer, block by block, to the original outputs from the inputs "
+                   "the compressed model gives it.")
+@click.option("--closed-blend", type=str, default="0.75", show_default=True,
+              help="--calibration closed: weight in [0, 1] of the open-loop error in each layer's fit.")
+@click.option("--closed-ridge", type=str, default="1e-4", show_default=True,
+              help="--calibration closed: ridge relative to the mean input energy.")
+@click.option("--blocks", type=str, default=None,
+              help="The model's block list (module-list name or pattern; found when not given).")
+@click.option("--stream", is_flag=True,
+              help="Compress a Hugging Face folder one block at a time, never holding the whole model; "
+                   "writes a sharded checkpoint and resumes an interrupted run.")
+@click.option("--max-memory", type=str, default=None,
+              help="--stream: memory limit such as 8G; refused up front with the estimate when too low.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", type=str, default="cpu", show_default=True, help="cpu | cuda")
 @click.option("--dry-run", is_flag=True, help="Print the plan and write nothing.")
@@ -82,7 +96,8 @@ def compress(source: str, output: str | None, weights: str | None, trust_pickle:
              method: str | None, rank: str | None, ratio: str | None, energy: str | None, budget: str | None,
              latency_threads: int, latency_int8: bool, save_recipe: str | None, allocate: str,
              scope: str, share_group: int | None, tt_shape: str | None, probe_passes: int, solver: str, seed: int,
-             device: str, dry_run: bool, recover_steps: int, recover_data: str | None, recover_batch_size: int,
+             calibration_mode: str, closed_blend: str, closed_ridge: str, blocks: str | None, stream: bool,
+             max_memory: str | None, device: str, dry_run: bool, recover_steps: int, recover_data: str | None, recover_batch_size: int,
              overwrite: bool, as_json: bool, quiet: bool, **kw: Any) -> None:
     """Factorize SOURCE's Linear/Embedding layers and write a compressed checkpoint
     (optionally followed by LoRA residual recovery, --recover-steps)."""
@@ -120,7 +135,9 @@ def compress(source: str, output: str | None, weights: str | None, trust_pickle:
         method=method_config(method, solver=solver, **extra), **budgets,
         allocate=allocate, scope=scope, targets=targets, exclude=exclude, seed=seed,
         probe_passes=probe_passes, latency_threads=latency_threads, latency_seq=max_length,
-        latency_int8=latency_int8)
+        latency_int8=latency_int8, calibration=calibration_mode, blocks=blocks,
+        closed_blend=parse_number("--closed-blend", closed_blend, float),
+        closed_ridge=parse_number("--closed-ridge", closed_ridge, float))
     if registry.get(method).needs_calibration and not calib:
         raise ConfigError(f"--method {method} needs calibration data; pass --calib FILE or use --method "
                           f"{registry.matrix_method(False).name}")
@@ -155,6 +172,12 @@ def compress(source: str, output: str | None, weights: str | None, trust_pickle:
                         section_from_config(config, device),
                         RecoverySection(rc, recover_data, kw.get("eval_data")) if rc is not None else None)
     torch.manual_seed(seed)
+    if stream or max_memory is not None:
+        from .stream import run_stream
+        run_stream(source, output, config, calib=calib, weights=weights, rc=rc, dry_run=dry_run, max_memory=max_memory,
+                   max_length=max_length, calib_samples=calib_samples, batch_size=batch_size, device=device,
+                   overwrite=overwrite, as_json=as_json, quiet=quiet)
+        return
     loaded = resolve(source, weights=weights, trust_pickle=trust_pickle, trust_code=trust_code)
     fitted = fit_max_length(loaded.model, max_length)
     if fitted != max_length:  # the default, lowered to a small model's positions

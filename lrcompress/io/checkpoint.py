@@ -169,6 +169,42 @@ def check_layers(manifest: dict[str, Any], header: dict[str, Any], where: str) -
                                       "not belong together: re-run lrcompress compress")
 
 
+def _shards(folder: Path) -> list[Path] | None:
+    """The shard files of a sharded checkpoint (``model.safetensors.index.json``), checked to
+    lie in the folder; None when there is no index."""
+    index = folder / "model.safetensors.index.json"
+    if not index.is_file():
+        return None
+    try:
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{str(index)!r} is not a valid safetensors index ({e}); re-run compress") from None
+    for f in files:
+        if not isinstance(f, str) or Path(f).name != f or not (folder / f).is_file():
+            raise CheckpointError(f"{str(index)!r} names the shard {f!r}, which is not a file in the folder; "
+                                  "the checkpoint is incomplete: re-run compress")
+    return [folder / f for f in files]
+
+
+def _load_shards(model: nn.Module, shards: list[Path]) -> None:
+    """Fill ``model`` from every shard; every tensor of the model must come from one (tied
+    weights count once)."""
+    from safetensors.torch import load_file
+    expected = model.state_dict()
+    loaded: set[str] = set()
+    for shard in shards:
+        state = load_file(str(shard))
+        unknown = sorted(set(state) - set(expected))
+        if unknown:
+            raise RuntimeError(f"unexpected tensor {unknown[0]!r} in {shard.name}")
+        model.load_state_dict(state, strict=False)
+        loaded.update(state)
+    by_ptr = {expected[k].data_ptr() for k in loaded}
+    missing = [k for k, t in expected.items() if k not in loaded and t.data_ptr() not in by_ptr]
+    if missing:
+        raise RuntimeError(f"missing tensor {missing[0]!r} in the shards")
+
+
 def load(folder: str | Path, *, trust_pickle: bool = False, trust_code: bool = False,
          with_manifest: bool = False) -> Any:
     """Rebuild the compressed model (and tokenizer, when the folder has one).
@@ -188,9 +224,12 @@ def load(folder: str | Path, *, trust_pickle: bool = False, trust_code: bool = F
         model = torch.load(str(p / PICKLED), map_location="cpu", weights_only=False)
     else:
         weights = p / WEIGHTS
-        if not weights.is_file():
+        shards = _shards(p) if not weights.is_file() else None
+        if not weights.is_file() and not shards:
             raise CheckpointError(f"{str(p)!r} has no {WEIGHTS}; the checkpoint is incomplete: re-run compress")
-        header = check_safetensors(weights)
+        header: dict[str, Any] = {}
+        for w in shards or [weights]:
+            header.update(check_safetensors(w))
         check_layers(manifest, header, str(p / MANIFEST))
         model = build_architecture(spec, p, trust_code=trust_code)
         bases: dict[str, nn.Module] = {}
@@ -205,7 +244,10 @@ def load(folder: str | Path, *, trust_pickle: bool = False, trust_code: bool = F
             setattr(parent, attr, shell)
         from safetensors.torch import load_model
         try:
-            load_model(model, str(weights), strict=True)
+            if shards:
+                _load_shards(model, shards)
+            else:
+                load_model(model, str(weights), strict=True)
         except RuntimeError as e:
             raise CheckpointError(f"{str(weights)!r} does not match the manifest's architecture "
                                   f"({str(e).splitlines()[0][:160]}); re-run compress") from None

@@ -87,6 +87,9 @@ def compress_(model: nn.Module, config: CompressConfig, calibration: Calibration
               progress: Callable[[str, Any], None] | None = None) -> CompressionReport:
     """Compress ``model`` in place; returns the report."""
     check_calibration(config, calibration)
+    if config.calibration == "closed":  # block by block, each layer fitted to the original outputs
+        from ..streaming.run import compress_blocks
+        return compress_blocks(model, config, calibration, batch_size=batch_size, progress=progress)
     tick = lambda stage: (lambda x: progress(stage, x)) if progress else None  # noqa: E731
     params_before, bytes_before = sum(p.numel() for p in model.parameters()), param_bytes(model)
     t0 = time.perf_counter()
