@@ -20,7 +20,7 @@ from .methods.tucker import TuckerConfig  # noqa: F401  (re-exported)
 from .recovery.config import FOLDS, LORA_INITS, LOSS_TERMS, TRAIN_MODES, RecoveryConfig  # noqa: F401  (re-exported)
 
 ALLOCATIONS = ("uniform", "global")
-CALIBRATIONS = ("open", "closed")
+CALIBRATIONS = ("auto", "open", "closed")
 SCOPES = ("targets", "model")
 
 
@@ -54,7 +54,9 @@ class CompressConfig:
     ``calibration="closed"`` compresses block by block (the ``blocks`` module list, found when
     None) and fits each layer to the original outputs from the inputs the compressed model
     gives it (``closed_blend``: weight of the open-loop error in that fit; ``closed_ridge``:
-    ridge relative to the mean input energy).
+    ridge relative to the mean input energy). ``"auto"`` (default) is closed where it applies
+    (calibration data given as text or tensors, ``svd-whiten``, a block list found, no latency
+    budget) and open elsewhere; ``"open"`` fits every layer to the original model's inputs.
     """
 
     method: SVDConfig = field(default_factory=WhitenedSVDConfig)
@@ -72,7 +74,7 @@ class CompressConfig:
     latency_batch: int = 1
     latency_seq: int = 128
     latency_int8: bool = False
-    calibration: str = "open"
+    calibration: str = "auto"
     closed_blend: float = 0.75
     closed_ridge: float = 1e-4
     blocks: str | None = field(default=None, metadata={"example": "'model.layers'"})
@@ -105,7 +107,7 @@ class CompressConfig:
                               "input energy, e.g. --closed-ridge 1e-4")
         if self.blocks is not None and (not isinstance(self.blocks, str) or not self.blocks.strip()):
             raise ConfigError(f"--blocks {self.blocks!r} must be a module-list name or pattern, e.g. --blocks model.layers")
-        if self.calibration == "closed" and self.latency is not None:
+        if self.calibration == "closed" and self.latency is not None:  # auto: open under a latency budget
             raise ConfigError("--calibration closed works with --ratio, --rank or --energy, not --budget latency "
                               "(latency is measured on the whole model); use --calibration open")
         if not isinstance(self.latency_int8, bool):

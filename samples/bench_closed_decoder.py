@@ -1,6 +1,6 @@
 """Closed vs open loop on the trained decoder (samples/train_decoder.py, preset ``full``).
 
-The decoder blocks are compressed to 0.8 and 0.6 of their parameters (svd-whiten, global
+The decoder blocks are compressed to 0.8, 0.6 and 0.4 of their parameters (svd-whiten, global
 allocation; the same ranks in every row of a keep: the whole model's plan) and each layer is
 fitted open loop (today's default) or closed loop (block by block, to the original outputs from
 the inputs the compressed model gives it; blend = weight of the open-loop error in the fit).
@@ -21,15 +21,14 @@ from pathlib import Path
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 
-VARIANTS = (("open", {}), ("closed", {"calibration": "closed"}),
-            ("closed blend 0.5", {"calibration": "closed", "closed_blend": 0.5}),
+VARIANTS = (("open", {"calibration": "open"}), ("closed blend 0", {"calibration": "closed", "closed_blend": 0.0}),
             ("closed blend 0.75", {"calibration": "closed", "closed_blend": 0.75}))
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="/tmp/lrcompress-decoder-full", help="decoder folder (trained if missing)")
-    ap.add_argument("--keeps", default="0.8,0.6")
+    ap.add_argument("--keeps", default="0.8,0.6,0.4")
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()

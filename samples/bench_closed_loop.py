@@ -35,12 +35,12 @@ from other_text import other_domain_sentences  # noqa: E402
 from pydoc_text import reference_split  # noqa: E402
 
 MAX_LENGTH, BATCH_SIZE, SEED = 128, 32, 0
-VARIANTS = ("open", "closed", "closed-b0.25", "closed-b0.5", "closed-b0.75")
+VARIANTS = ("open", "closed-b0", "closed-b0.5", "closed-b0.75")
 
 
 def config_for(variant: str, ratio: float) -> lrcompress.CompressConfig:
     """``open``; ``closed``; ``closed-bX`` (blend X); ``closed-rX`` (ridge X, a decimal such as 0.01); both: ``closed-bX-rY``."""
-    kw: dict = {}
+    kw: dict = {"calibration": "open"}
     if variant.startswith("closed"):
         kw["calibration"] = "closed"
         for part in variant.split("-")[1:]:

@@ -50,7 +50,7 @@ CASES = {
     "stream-dry-run": (["compress", "{m}", "--stream", "--calib", "{ids}", "--ratio", "0.5", "--dry-run"],
                        ["--dry-run cannot be combined with --stream"]),
     "closed-plain-svd": (["compress", "{m}", "--calib", "{ids}", "--ratio", "0.5", "--calibration", "closed",
-                          "--method", "svd"], ["--calibration closed", "--method svd", "does not use"]),
+                          "--method", "svd"], ["--calibration closed", "--method svd does not build"]),
     "closed-shared": (["compress", "{m}", "--calib", "{ids}", "--ratio", "0.5", "--calibration", "closed",
                        "--method", "shared-svd"], ["--method shared-svd shares bases across blocks"]),
     "closed-latency": (["compress", "{m}", "--calib", "{ids}", "--budget", "latency=0.5", "--calibration", "closed"],

@@ -18,7 +18,7 @@ from lrcompress.errors import ConfigError
 from lrcompress.io.checkpoint import load
 from lrcompress.io.data import TensorData, TextData, read_lines
 from lrcompress.streaming.memory import parse_size
-from lrcompress.streaming.run import compress_blocks, stream_compress
+from lrcompress.workflow.blocks import compress_blocks, stream_compress
 from lrcompress.streaming.writer import partial_folder
 from lrcompress.workflow.pipeline import compress
 
@@ -202,3 +202,29 @@ def test_closed_loop_refuses_what_it_cannot_do(minilm_text: tuple, llama: dict[s
 def _method(name: str):
     from lrcompress.config import method_config
     return method_config(name)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "opt", "llama"])
+def test_closed_loop_on_causal_lms_with_a_cache(arch: str) -> None:
+    """Causal LMs call their blocks with a key/value cache: every replay of a block runs without it."""
+    torch.manual_seed(0)
+    cfgs = {"gpt2": transformers.GPT2Config(vocab_size=V, n_layer=3, n_embd=32, n_head=4, n_positions=32),
+            "opt": transformers.OPTConfig(vocab_size=V, num_hidden_layers=3, hidden_size=32, num_attention_heads=4,
+                                          ffn_dim=64, max_position_embeddings=32, word_embed_proj_dim=32, pad_token_id=1),
+            "llama": transformers.LlamaConfig(vocab_size=V, num_hidden_layers=3, hidden_size=32, intermediate_size=64,
+                                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)}
+    model = transformers.AutoModelForCausalLM.from_config(cfgs[arch]).eval()
+    data = TensorData({"input_ids": np.random.default_rng(1).integers(2, V, size=(24, 16))})
+    errs = {}
+    for mode in ("open", "closed"):
+        small, rep = compress(model, CompressConfig(ratio=0.5, allocate="uniform", calibration=mode, closed_blend=0.0),
+                              data, batch_size=8)
+        errs[mode] = [u["output_error"] for u in rep.plan["stream"]["units"] if u["output_error"] is not None][-1] \
+            if mode == "closed" else None
+        x = torch.from_numpy(data.arrays["input_ids"][:2])
+        assert torch.isfinite(small(input_ids=x).logits).all()
+        assert small.generate(x[:, :4], max_new_tokens=3, do_sample=False).shape == (2, 7)
+    m = copy.deepcopy(model)
+    open_rep = compress_blocks(m, CompressConfig(ratio=0.5, allocate="uniform", calibration="open"), data, batch_size=8)
+    last_open = [u["output_error"] for u in open_rep.plan["stream"]["units"] if u["output_error"] is not None][-1]
+    assert errs["closed"] <= last_open

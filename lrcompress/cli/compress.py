@@ -63,8 +63,8 @@ from .recovery import (
 @click.option("--probe-passes", type=int, default=2, show_default=True,
               help="Global allocation: rounds of measured layer sensitivity (0 = off).")
 @click.option("--solver", type=str, default="exact", show_default=True, help="exact | randomized SVD.")
-@click.option("--calibration", "calibration_mode", type=str, default="open", show_default=True,
-              help="open | closed: closed fits each layer, block by block, to the original outputs from the inputs "
+@click.option("--calibration", "calibration_mode", type=str, default="auto", show_default=True,
+              help="auto | open | closed: closed fits each layer, block by block, to the original outputs from the inputs "
                    "the compressed model gives it.")
 @click.option("--closed-blend", type=str, default="0.75", show_default=True,
               help="--calibration closed: weight in [0, 1] of the open-loop error in each layer's fit.")

@@ -27,7 +27,7 @@ def run_stream(source: str, output: str | None, config: Any, *, calib: str | Non
     from ..io.architecture import quiet_hf
     from ..io.data import open_data
     from ..streaming.memory import parse_size
-    from ..streaming.run import stream_compress
+    from ..workflow.blocks import stream_compress
     from ..streaming.weights import LazyCheckpoint
 
     limit = parse_size(max_memory) if max_memory is not None else None

@@ -10,8 +10,6 @@ __getattr__, __all__ = lazy_face(__name__, {
     "Engine": "engine",
     "LazyCheckpoint": "weights",
     "StreamResult": "engine",
-    "compress_blocks": "run",
     "find_blocks": "units",
     "parse_size": "memory",
-    "stream_compress": "run",
 })

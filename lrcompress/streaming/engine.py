@@ -23,18 +23,19 @@ from torch import nn
 from ..calibration.calibrate import Calibration, _select, calibrate
 from ..config import CompressConfig
 from ..decompose import Spectrum
-from ..errors import ConfigError
 from ..io.data import Batch, TensorData, TextData
 from ..methods import registry
 from ..methods.apply import LayerResult, apply_plan, set_module
 from ..planning.allocation import allocate, budget_fraction
 from ..planning.make_plan import make_plan
-from ..planning.plan_types import LayerPlan, Plan
+from ..planning.plan_types import LayerPlan, Plan, break_even_rank
 from ..planning.targets import layer_matrix, select_targets, tied_weights
 from . import memory
 from .loop import closed_unit
+from .rules import check_streamable, closed_applies, lite_spectrum, override_ranks, subplan  # noqa: F401
 from .store import ActivationStore
-from .units import BlockCall, UnitBatch, block_names, find_blocks, hidden_of, inside, run_after_blocks, run_until_blocks, view
+from .units import (BlockCall, UnitBatch, block_names, find_blocks, hidden_of, inside, run_after_blocks, run_until_blocks,
+                    view, without_cache)
 from .weights import LazyCheckpoint, release
 from .writer import ShardWriter
 
@@ -67,40 +68,6 @@ class Streams:
         return {"original": self.original.tensors(), "current": self.current.tensors()}
 
 
-def check_streamable(config: CompressConfig) -> None:
-    method = registry.for_config(config.method)
-    if method.grouped:
-        raise ConfigError(f"--method {method.name} shares bases across blocks, which block-by-block compression "
-                          "cannot see at once; use --calibration open without --stream, or another --method")
-    if config.latency is not None:
-        raise ConfigError("--budget latency measures the whole model, which block-by-block compression never "
-                          "holds; use --ratio, --rank or --energy")
-    if config.calibration == "closed" and not method.whitened:
-        raise ConfigError(f"--calibration closed fits layers to calibration outputs, which --method {method.name} "
-                          "does not use; use --method svd-whiten or --calibration open")
-
-
-def _lite(spec: Spectrum) -> Spectrum:
-    """What the allocator reads of a spectrum (its energies), without the directions."""
-    return Spectrum(u=torch.empty(0, 0, dtype=torch.float64), s2=spec.s2.clone(), total=spec.total, exact=spec.exact)
-
-
-def _override(plan: Plan, ranks: dict[str, int | None]) -> None:
-    """Replace matrix layers' ranks by the global allocation's."""
-    for lp in plan.layers:
-        if lp.name not in ranks or lp.name not in plan.spectra:
-            continue
-        r = ranks[lp.name]
-        if r is None or r >= lp.break_even:
-            lp.rank, lp.params_after = None, lp.params_before
-            lp.add_reason(f"rank {r} >= break-even {lp.break_even}: kept dense" if r is not None
-                          else "denser than break-even: kept dense")
-        else:
-            m, n = lp.shape if lp.kind == "linear" else (lp.shape[1], lp.shape[0])
-            lp.rank, lp.params_after = r, r * (m + n)
-            lp.predicted_error = plan.spectra[lp.name].relative_error(r)
-
-
 class Engine:
     """One block-sequential run over ``model`` (see the module docstring)."""
 
@@ -108,17 +75,22 @@ class Engine:
                  lazy: LazyCheckpoint | None = None, writer: ShardWriter | None = None, batch_size: int = 32,
                  max_memory: int | None = None, out_dtype: torch.dtype | None = None,
                  progress: Callable[[str, Any], None] | None = None, stop_after: int | None = None,
-                 ranks: dict[str, int | None] | None = None) -> None:
+                 plan: Plan | None = None) -> None:
         check_streamable(config)
+        method = registry.for_config(config.method)
+        self.closed = config.calibration == "closed" or (config.calibration == "auto" and method.whitened
+                                                         and method.spectral and not method.grouped)
         self.model, self.config, self.lazy, self.writer = model, config, lazy, writer
         self.progress, self.stop_after, self.out_dtype = progress, stop_after, out_dtype
-        self.names = select_targets(model, config.targets, config.exclude, config.method.name)
+        names = select_targets(model, config.targets, config.exclude, config.method.name)
+        self.tied = tied_weights(model, names)  # kept dense, as in memory
+        self.names = [n for n in names if n not in self.tied]
         self.prefix, self.blocks = find_blocks(model, config.blocks)
         self.block_paths = block_names(self.prefix, self.blocks)
         self.batches: list[Batch] = list(data.batches(batch_size))
         self.max_memory = max_memory
         self.result = StreamResult([], Plan([], 0, config))
-        self.preset = ranks
+        self.full_plan = plan
         self._generation = 0
 
     # -- set-up ------------------------------------------------------------------------------
@@ -132,9 +104,8 @@ class Engine:
             self.lazy.materialize(self.model, self._outside_modules(), recurse=False)
             if hasattr(self.model, "tie_weights"):
                 self.model.tie_weights()
-        self.tied = tied_weights(self.model, self.names)
         self.params_model = sum(p.numel() for p in self.model.parameters())
-        total = sum(layer_matrix(self.model.get_submodule(n)).numel() for n in self.names if n not in self.tied)
+        total = sum(layer_matrix(self.model.get_submodule(n)).numel() for n in self.names)
         self.frac = budget_fraction(total, self.config, self.params_model)[1] if self.config.ratio is not None else None
         outside = [n for n in self.names if not inside(n, self.prefix)]
         fired: set[str] = set()
@@ -146,8 +117,9 @@ class Engine:
                 for b in self.batches:
                     args, kwargs = run_until_blocks(self.model, self.blocks, b)
                     hidden.append(hidden_of(args, kwargs).detach())
-                    kw = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-                    self.calls.append(BlockCall((None, *args[1:]) if args else (), kw, b.mask))
+                    kw = without_cache({k: v for k, v in kwargs.items() if k != "hidden_states"})
+                    rest = tuple(None if "cache" in type(a).__name__.lower() else a for a in args[1:])
+                    self.calls.append(BlockCall((None, *rest) if args else (), kw, b.mask))
         finally:
             for h in hooks:
                 h.remove()
@@ -169,7 +141,7 @@ class Engine:
             resident = sum(p.numel() * p.element_size() for p in self.model.parameters())
         dims = [layer_matrix(self.model.get_submodule(n)).shape for n in self.names if inside(n, self.block_paths[0])]
         inputs = sorted({d[1] for d in dims}, reverse=True)
-        stats = 8 * sum(n * n for n in inputs) * (3 if self.config.calibration == "closed" else 1)
+        stats = 8 * sum(n * n for n in inputs) * (3 if self.closed else 1)
         big = max((max(d) for d in dims), default=0)
         work = 8 * 4 * big * big
         act = 2 * sum(h.numel() * h.element_size() for h in hidden)
@@ -214,14 +186,17 @@ class Engine:
             out.append(UnitBatch(inputs, self.calls[i].mask, runner=lambda _v, i=i: run(i)))
         return out
 
-    def _unit_config(self, final: bool) -> CompressConfig:
-        cfg = self.config
-        exclude = tuple(cfg.exclude) + tuple(self.tied)
+    def _unit_config(self, final: bool, names: list[str]) -> CompressConfig:
+        """The config a unit is planned with: its own targets (the run's selection, as patterns that
+        are not explicit names, so a layer a method cannot take stays dense as in memory), the
+        run's target fraction of the budget, and no further allocation when ranks are given."""
+        import re
+        cfg = replace(self.config, targets=tuple("re:" + re.escape(n) for n in names), exclude=())
         if cfg.ratio is not None:
             cfg = replace(cfg, scope="targets", ratio=min(max(self.frac, 1e-9), 1.0))
         if final and self.global_ranks is not None:
             cfg = replace(cfg, allocate="uniform", probe_passes=0)
-        return replace(cfg, exclude=exclude)
+        return cfg
 
     def _calibrate(self, unit: str, stream: ActivationStore) -> tuple[nn.Module, Calibration, list[str]]:
         v = self._unit_view(unit)
@@ -240,12 +215,15 @@ class Engine:
         original = streams.original
         for unit in self.units:
             self._bring(unit)
-            v, calib, _ = self._calibrate(unit, original)
-            plan = make_plan(v, self._unit_config(False), calib)
+            names = self._unit_names(unit)
+            plan = Plan([], 0, self.config)
+            if names:
+                v, calib, _ = self._calibrate(unit, original)
+                plan = make_plan(v, self._unit_config(False, names), calib)
             for lp in plan.layers:
                 if lp.name in plan.spectra:
                     layers.append(lp)
-                    spectra[lp.name] = _lite(plan.spectra[lp.name])
+                    spectra[lp.name] = lite_spectrum(plan.spectra[lp.name])
                     if lp.sensitivity is not None:
                         weights[lp.name] = lp.sensitivity
             nxt = self._advance(unit, original, None)
@@ -287,18 +265,23 @@ class Engine:
         t0 = time.perf_counter()
         memory.reset_peak()
         self._bring(unit)
-        closed = self.config.calibration == "closed" and unit != "pre"
+        closed = self.closed and unit != "pre"
         block = None if unit in ("pre", "post") else self.model.get_submodule(unit)
         original_block = copy.deepcopy(block) if closed and block is not None else None
-        v, calib, names = self._calibrate(unit, streams.original)
-        plan = make_plan(v, self._unit_config(True), calib)
-        if self.global_ranks is not None:
-            _override(plan, self.global_ranks)
+        v, names = self._unit_view(unit), self._unit_names(unit)
+        plan = Plan([], 0, self.config)
+        if names and self.full_plan is not None:  # in memory: the whole model's plan, spectra included
+            plan = subplan(self.full_plan, set(names))
+        elif names:
+            v, calib, names = self._calibrate(unit, streams.original)
+            plan = make_plan(v, self._unit_config(True, names), calib)
+        if self.global_ranks is not None and self.full_plan is None:
+            override_ranks(plan, self.global_ranks)
         next_original = self._advance(unit, streams.original, None)  # before any layer changes
         results: list[LayerResult] = []
         figures: dict[str, dict[str, float]] = {}
         rest = names
-        if closed:
+        if closed and names:
             if unit == "post":
                 def orig_mod(n: str) -> nn.Module:
                     return self.model.get_submodule(n)
@@ -375,8 +358,8 @@ class Engine:
         self.global_ranks = None
         self.resumed = self.writer.open() if self.writer is not None else False
         done = self.writer.done if self.writer is not None else []
-        if self.preset is not None:
-            self.global_ranks = self.preset
+        if self.full_plan is not None:
+            pass
         elif self.config.ratio is not None and self.config.allocate == "global":
             saved = self.writer.state.get("ranks") if self.writer is not None else None
             if saved is not None:
@@ -403,7 +386,25 @@ class Engine:
         self.result.seconds = {"plan": t1 - t0, "factorize": t2 - t1, "total": t2 - t0}
         self.result.peak_rss = max((u["peak_rss"] for u in self.result.units), default=memory.peak_rss())
         self.result.plan.params_model = self.params_model
+        self._untouched()
         return self.result
+
+    def _untouched(self) -> None:
+        """Report the layers no unit planned: tied weights, and what the whole model's plan lists
+        besides its targets (unsupported modules)."""
+        seen = {lp.name for lp in self.result.plan.layers}
+        extra = [lp for lp in (self.full_plan.layers if self.full_plan is not None else []) if lp.name not in seen]
+        if self.full_plan is None:
+            for name, other in self.tied.items():
+                mod = self.model.get_submodule(name)
+                w = layer_matrix(mod)
+                m, n = w.shape
+                extra.append(LayerPlan(name, "embedding" if isinstance(mod, nn.Embedding) else "linear",
+                                       tuple(mod.weight.shape), self.config.method.name, None, m * n, m * n, 0.0,
+                                       break_even_rank(m, n), f"weight tied with {other}: kept dense"))
+        for lp in extra:
+            self.result.plan.layers.append(lp)
+            self.result.layers.append(LayerResult(lp))
 
     def _restore(self, done: list[str]) -> None:
         """Results of the units a previous, interrupted run finished (from the partial folder)."""

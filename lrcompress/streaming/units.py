@@ -84,6 +84,19 @@ def hidden_of(args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
                       "this architecture's blocks cannot be streamed")
 
 
+def without_cache(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """A block's keyword arguments with any key/value cache dropped: calling a block again on the
+    same batch must not append to (or read) a cache the first call filled."""
+    out = {}
+    for k, v in kwargs.items():
+        if "cache" in type(v).__name__.lower() or k in ("past_key_value", "past_key_values", "layer_past"):
+            v = None
+        elif k == "use_cache":
+            v = False
+        out[k] = v
+    return out
+
+
 def first_tensor(out: Any) -> torch.Tensor:
     """A block's output hidden state (blocks return it bare or first in a tuple)."""
     return out if isinstance(out, torch.Tensor) else out[0]

@@ -14,4 +14,6 @@ __getattr__, __all__ = lazy_face(__name__, {
     "run_recipe": "runner",
     "run_sweep": "sweep",
     "CompressionReport": "report",
+    "compress_blocks": "blocks",
+    "stream_compress": "blocks",
 })

@@ -20,6 +20,8 @@ from ..methods.apply import apply_plan
 from ..planning.make_plan import Plan, make_plan
 from ..planning.targets import select_targets
 from ..recovery.train import recover
+from ..streaming.engine import closed_applies
+from .blocks import compress_blocks
 from .report import CompressionReport, param_bytes
 
 CalibrationLike = Calibration | TextData | TensorData | Iterable[Batch] | None
@@ -87,10 +89,17 @@ def compress_(model: nn.Module, config: CompressConfig, calibration: Calibration
               progress: Callable[[str, Any], None] | None = None) -> CompressionReport:
     """Compress ``model`` in place; returns the report."""
     check_calibration(config, calibration)
-    if config.calibration == "closed":  # block by block, each layer fitted to the original outputs
-        from ..streaming.run import compress_blocks
-        return compress_blocks(model, config, calibration, batch_size=batch_size, progress=progress)
     tick = lambda stage: (lambda x: progress(stage, x)) if progress else None  # noqa: E731
+    if closed_applies(model, config, calibration):  # block by block, each layer fitted to the original outputs
+        t0 = time.perf_counter()
+        calib = gather(model, config, calibration, batch_size=batch_size, device=device, progress=tick("calibrate"))
+        p = make_plan(model, config, calib, progress=tick("plan"))
+        t_plan = time.perf_counter() - t0
+        report = compress_blocks(model, config, calibration, plan=p, batch_size=batch_size, progress=progress)
+        report.seconds = {"plan": t_plan + report.seconds["plan"], "factorize": report.seconds["factorize"],
+                          "total": t_plan + report.seconds["total"]}
+        report.stats = calib
+        return report
     params_before, bytes_before = sum(p.numel() for p in model.parameters()), param_bytes(model)
     t0 = time.perf_counter()
     calib = gather(model, config, calibration, batch_size=batch_size, device=device, progress=tick("calibrate"))

@@ -15,10 +15,10 @@ from torch import nn
 from ..config import CompressConfig
 from ..errors import ConfigError
 from ..io.data import TensorData, TextData
-from ..workflow.report import CompressionReport, param_bytes
-from .engine import Engine, StreamResult
-from .weights import LazyCheckpoint
-from .writer import ShardWriter
+from ..streaming.engine import Engine, StreamResult
+from ..streaming.weights import LazyCheckpoint
+from ..streaming.writer import ShardWriter
+from .report import CompressionReport, param_bytes
 
 
 def _check_data(data: Any) -> None:
@@ -28,12 +28,12 @@ def _check_data(data: Any) -> None:
 
 
 def to_report(res: StreamResult, config: CompressConfig, params_before: int, params_after: int,
-              bytes_before: int, bytes_after: int) -> CompressionReport:
+              bytes_before: int, bytes_after: int, closed: bool) -> CompressionReport:
     """The CompressionReport of a block-sequential run; ``plan['stream']`` adds the per-unit
     seconds, peak memory and output error, and the closed-loop figures by layer."""
     plan = res.plan.to_dict()
     plan["stream"] = {"units": res.units, "loop": res.loop, "peak_rss": res.peak_rss,
-                      "calibration": config.calibration}
+                      "calibration": "closed" if closed else "open", "requested": config.calibration}
     report = CompressionReport(layers=res.layers, params_before=params_before, params_after=params_after,
                                bytes_before=bytes_before, bytes_after=bytes_after, seconds=res.seconds,
                                calibration={"examples": res.examples, "tokens": res.tokens},
@@ -41,19 +41,17 @@ def to_report(res: StreamResult, config: CompressConfig, params_before: int, par
     return report
 
 
-def compress_blocks(model: nn.Module, config: CompressConfig, data: TextData | TensorData, *, batch_size: int = 32,
-                    progress: Callable[[str, Any], None] | None = None) -> CompressionReport:
-    """Compress ``model`` in place block by block (open or closed loop per ``config.calibration``)."""
+def compress_blocks(model: nn.Module, config: CompressConfig, data: TextData | TensorData, *, plan: Any = None,
+                    batch_size: int = 32, progress: Callable[[str, Any], None] | None = None) -> CompressionReport:
+    """Compress ``model`` in place block by block (closed loop unless ``config.calibration`` is
+    ``open``). ``plan``: the whole model's plan (``make_plan``), whose ranks and spectra every unit
+    uses, as the in-memory path would; without it each unit is planned on its own statistics."""
     _check_data(data)
     before, bytes_before = sum(p.numel() for p in model.parameters()), param_bytes(model)
-    ranks = None
-    if config.ratio is not None and config.allocate == "global":  # the whole model's plan, as in memory
-        from ..planning.make_plan import make_plan
-        from ..workflow.pipeline import gather
-        plan = make_plan(model, config, gather(model, config, data, batch_size=batch_size))
-        ranks = {lp.name: lp.rank for lp in plan.layers if lp.name in plan.spectra}
-    res = Engine(model, config, data, batch_size=batch_size, progress=progress, ranks=ranks).run()
-    return to_report(res, config, before, sum(p.numel() for p in model.parameters()), bytes_before, param_bytes(model))
+    engine = Engine(model, config, data, batch_size=batch_size, progress=progress, plan=plan)
+    res = engine.run()
+    return to_report(res, config, before, sum(p.numel() for p in model.parameters()), bytes_before, param_bytes(model),
+                     engine.closed)
 
 
 def fingerprint(folder: Path, config: CompressConfig, data: TextData | TensorData, batch_size: int) -> str:
@@ -116,7 +114,8 @@ def stream_compress(folder: str | Path, config: CompressConfig, data: TextData |
     params_before = engine.params_model  # counted before any block changed
     params_after = params_before - sum(lp.params_before - lp.params_after for lp in res.plan.layers)
     size = 4  # written in float32, the compute dtype
-    report = to_report(res, config, params_before, params_after, params_before * size, params_after * size)
+    report = to_report(res, config, params_before, params_after, params_before * size, params_after * size,
+                       engine.closed)
     report.plan["stream"]["resumed"] = resumed
     spec = {"kind": "hf", "class": type(model).__name__, "path": str(folder)}
     manifest = {"format": FORMAT, "source": spec, "versions": versions(), "layers": res.entries,
