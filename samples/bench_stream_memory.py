@@ -10,7 +10,9 @@ held whole in memory:
   heads, vocabulary 32000), compressed end to end.
 
 Every run is ``lrcompress compress DIR --calib ids.npz --stream --ratio 0.5 --allocate uniform
---max-memory 8G -o OUT`` in a fresh process on random token ids; the table gives that
+--targets model.layers --max-memory 8G -o OUT`` in a fresh process on random token ids (the
+embedding table and LM head are loaded, kept dense and written; the blocks are factorized; closed
+loop, the default); the table gives that
 process's peak resident memory (from the kernel, wait4), the peak per block (from the run's
 report), seconds per block and the whole wall time.
 
@@ -38,7 +40,8 @@ SHAPES = {
     "tiny": dict(hidden_size=2048, intermediate_size=5632, num_attention_heads=32, num_key_value_heads=4),
     "smoke": dict(hidden_size=256, intermediate_size=688, num_attention_heads=8, num_key_value_heads=2),
 }
-RUNS = {"7b-2": ("7b", 2), "7b-4": ("7b", 4), "7b-8": ("7b", 8), "tiny": ("tiny", 22), "smoke": ("smoke", 2)}
+RUNS = {"7b-2": ("7b", 2), "7b-4": ("7b", 4), "7b-8": ("7b", 8), "tiny": ("tiny", 22), "tiny-2": ("tiny", 2),
+        "tiny-4": ("tiny", 4), "smoke": ("smoke", 2)}
 DEFAULT = "7b-2,7b-4,7b-8,tiny"
 
 
@@ -80,9 +83,10 @@ def write_checkpoint(folder: Path, shape: str, blocks: int, seed: int = 0) -> in
     return total
 
 
-def run_one(folder: Path, calib: Path, out: Path) -> dict:
+def run_one(folder: Path, calib: Path, out: Path, calibration: str) -> dict:
     cmd = [sys.executable, "-m", "lrcompress", "compress", str(folder), "--calib", str(calib), "--stream",
-           "--ratio", "0.5", "--allocate", "uniform", "--max-memory", "8G", "-o", str(out), "--json", "-q"]
+           "--ratio", "0.5", "--allocate", "uniform", "--targets", "model.layers", "--max-memory", "8G", "-o", str(out),
+           "--calibration", calibration, "--json", "-q"]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     stdout = proc.stdout.read()
@@ -100,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", default=DEFAULT, help=f"comma-separated subset of {', '.join(RUNS)} (smoke: a quick check)")
     ap.add_argument("--workdir", default=None, help="where checkpoints are written (default: a temp folder)")
     ap.add_argument("--tokens", type=int, default=2048, help="calibration tokens (sequences of 256)")
+    ap.add_argument("--calibration", default="auto", help="--calibration of every run (auto = closed here)")
     args = ap.parse_args(argv)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_stream-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -109,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}; "
           f"calibration {max(args.tokens // 256, 1)} x 256 random token ids")
     head = (f"{'model':<22} {'blocks':>6} {'ckpt GB':>8} {'peak RSS GB':>11} {'max block peak GB':>17} "
-            f"{'s/block':>8} {'wall s':>7} {'kept':>6}")
+            f"{'s/block':>8} {'wall s':>7} {'kept':>6} {'loop':>6}")
     print(head)
     print("-" * len(head))
     for key in args.only.split(","):
@@ -118,14 +123,15 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(folder, ignore_errors=True)
         shutil.rmtree(out, ignore_errors=True)
         size = write_checkpoint(folder, shape, blocks)
-        r = run_one(folder, calib, out)
+        r = run_one(folder, calib, out, args.calibration)
         stream = json.loads((out / "lrcompress.json").read_text())["plan"]["stream"]
         per_block = [u for u in stream["units"] if u["unit"].startswith("model.layers.")]
         spb = sum(u["seconds"] for u in per_block) / max(len(per_block), 1)
         block_peak = max(u["peak_rss"] for u in per_block)
         name = {"7b": "LLaMA-7B-shaped", "tiny": "TinyLlama-1.1B-shaped"}.get(shape, "small (smoke)")
         print(f"{name:<22} {blocks:>6} {size / 1e9:>8.2f} {r['peak_rss'] / 2**30:>11.2f} {block_peak / 2**30:>17.2f} "
-              f"{spb:>8.1f} {r['wall']:>7.0f} {r['report']['totals']['ratio']:>6.3f}", flush=True)
+              f"{spb:>8.1f} {r['wall']:>7.0f} {r['report']['totals']['ratio']:>6.3f} {stream['calibration']:>6}",
+              flush=True)
         shutil.rmtree(folder, ignore_errors=True)
         shutil.rmtree(out, ignore_errors=True)
     print("-" * len(head))

@@ -143,9 +143,10 @@ class Engine:
         inputs = sorted({d[1] for d in dims}, reverse=True)
         stats = 8 * sum(n * n for n in inputs) * (3 if self.closed else 1)
         big = max((max(d) for d in dims), default=0)
-        work = 8 * 4 * big * big
+        work = 8 * 2 * big * big  # the metric's symmetrised copy and its root / eigenvectors, float64
         act = 2 * sum(h.numel() * h.element_size() for h in hidden)
-        est = memory.Estimate(resident, 2 * block_bytes, stats, work, memory.rss(), act)
+        baseline = max(memory.rss() - (resident if self.lazy is not None else 0), 0)  # resident is counted apart
+        est = memory.Estimate(resident, 2 * block_bytes, stats, work, baseline, act)
         self.estimate = est
         self.act_cap = memory.check_budget(est, self.max_memory, act)
 
@@ -275,6 +276,7 @@ class Engine:
         elif names:
             v, calib, names = self._calibrate(unit, streams.original)
             plan = make_plan(v, self._unit_config(True, names), calib)
+            del calib  # the plan keeps the metrics it needs; the raw Grams go
         if self.global_ranks is not None and self.full_plan is None:
             override_ranks(plan, self.global_ranks)
         next_original = self._advance(unit, streams.original, None)  # before any layer changes
