@@ -10,11 +10,25 @@ sqrt(sum_{i>r} sigma_i(W L)^2). Factors are returned in the balanced gauge A^T A
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from .fast_spectrum import fast_spectrum
+
 ROUNDING_FLOOR = 1e-6
+
+# Layers with m * n * min(m, n) below this keep the float64 path of ``spectrum`` unchanged
+# (bitwise: compressing MiniLM, 384/1536-dim layers, must give the same model file). At this
+# size (2048 x 2048, 1024 x 8192, ...) float64 takes about a second on a 2-core CPU; above it
+# the float32 path of ``fast_spectrum`` (float64 bases) is several times faster. Its
+# optimality is checked by ``Factorization.error_ratio``, computed in float64.
+FAST_PATH_MIN_WORK = 2**33
+# A fast-path spectrum vouches for a rank only while its tail (the optimal squared error)
+# is at least TAIL_MARGIN times the energy that float32 rounding may cost (Spectrum.noise):
+# the achieved/optimal ratio is then within 1 + 1 / (2 TAIL_MARGIN) of 1. For ranks below
+# that (relative errors around 1% or less), ``factorize`` redoes the layer in float64.
+TAIL_MARGIN = 1e3
 
 
 def gram_root(gram: torch.Tensor, rtol: float = 1e-12) -> torch.Tensor:
@@ -87,13 +101,20 @@ class Spectrum:
     """Output directions of W L and their energies (float64).
 
     u: m x k left singular vectors, s2: k energies (descending), total: ||W L||_F^2.
-    ``exact`` is False when a randomized solver computed only the leading part.
+    ``exact`` is False when a randomized solver computed only the leading part. ``noise``
+    (fast path only, else 0) is the energy float32 rounding may cost at any rank.
     """
 
     u: torch.Tensor
     s2: torch.Tensor
     total: float
     exact: bool = True
+    noise: float = 0.0
+    refined: dict = field(default_factory=dict, repr=False, compare=False)  # float64 spectra, by metric
+
+    def trusted(self, rank: int) -> bool:
+        """Whether the spectrum pins the optimum at ``rank`` to 3 decimals (see TAIL_MARGIN)."""
+        return self.noise <= 0 or self.tail(rank) >= TAIL_MARGIN * self.noise
 
     def tail(self, rank: int) -> float:
         """Squared error left at ``rank`` (the theoretical minimum)."""
@@ -145,11 +166,23 @@ def spectrum(
     oversample: int = 16,
     power_iters: int = 4,
     seed: int = 0,
+    fast: bool | None = None,
 ) -> Spectrum:
-    """Spectrum of W L in float64. ``max_rank`` bounds what the randomized solver computes."""
-    w = weight.detach().to(torch.float64)
-    m, n = w.shape
+    """Spectrum of W L (float64 outputs). ``max_rank`` bounds what the randomized solver
+    computes, and on the fast path also the columns of u (plus ``oversample``).
+
+    ``fast``: None picks by size (``FAST_PATH_MIN_WORK``), True / False force the float32
+    path of ``fast_spectrum`` / the float64 one.
+    """
+    m, n = weight.shape
     full = min(m, n)
+    if fast if fast is not None else m * n * full >= FAST_PATH_MIN_WORK:
+        keep = None if max_rank is None else max_rank + oversample
+        root = metric.root() if metric.gram is not None and m > n else None
+        f = fast_spectrum(weight, gram=metric.gram, diag=metric.diag, root=root, keep=keep, solver=solver,
+                          oversample=oversample, power_iters=power_iters, seed=seed)
+        return Spectrum(u=f.u, s2=f.s2, total=f.total, exact=f.exact, noise=f.noise)
+    w = weight.detach().to(torch.float64)
     if solver == "randomized" and max_rank is not None and max_rank + oversample < full:
         wl = metric.apply(w)
         q = max_rank + oversample
@@ -188,6 +221,17 @@ def _complete(w: torch.Tensor, u: torch.Tensor, s: torch.Tensor, full: int) -> t
     return torch.cat([u, extra], 1), torch.cat([s, torch.zeros(extra.shape[1], dtype=s.dtype, device=s.device)])
 
 
+def _vouched(spec: Spectrum, rank: int, weight: torch.Tensor, metric: Metric) -> Spectrum:
+    """``spec``, or the float64 spectrum of the layer (cached in ``spec``) when the fast
+    path cannot vouch for ``rank`` (see TAIL_MARGIN)."""
+    if spec.trusted(rank):
+        return spec
+    hit = spec.refined.get(id(metric))
+    if hit is None:  # the metric is kept with it, so that its id cannot be reused
+        hit = spec.refined[id(metric)] = (metric, spectrum(weight, metric, fast=False))
+    return hit[1]
+
+
 def _fix_signs(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Deterministic sign per component: the largest-magnitude entry of each column of a is > 0."""
     idx = a.abs().argmax(dim=0)
@@ -206,10 +250,13 @@ def factorize(weight: torch.Tensor, spec: Spectrum, rank: int, metric: Metric,
     """
     eval_metric = metric if eval_metric is None else eval_metric
     eval_spec = spec if eval_spec is None else eval_spec
-    w = weight.detach().to(torch.float64)
-    m, n = w.shape
+    m, n = weight.shape
     if rank < 1 or rank > spec.u.shape[1]:
         raise ValueError(f"rank {rank} outside [1, {spec.u.shape[1]}] for a {m}x{n} weight")
+    same = eval_spec is spec and eval_metric is metric
+    spec = _vouched(spec, rank, weight, metric)
+    eval_spec = spec if same else _vouched(eval_spec, rank, weight, eval_metric)
+    w = weight.detach().to(torch.float64)
     q = spec.u[:, :rank]
     core = q.T @ w  # r x n, W' = q core
     p, sig, rt = torch.linalg.svd(core, full_matrices=False)
