@@ -102,19 +102,21 @@ class Spectrum:
 
     u: m x k left singular vectors, s2: k energies (descending), total: ||W L||_F^2.
     ``exact`` is False when a randomized solver computed only the leading part. ``noise``
-    (fast path only, else 0) is the energy float32 rounding may cost at any rank.
+    (fast path only, else 0) is the energy float32 rounding may cost or misplace at each
+    rank 1..k (a float: at every rank).
     """
 
     u: torch.Tensor
     s2: torch.Tensor
     total: float
     exact: bool = True
-    noise: float = 0.0
+    noise: float | torch.Tensor = 0.0
     refined: dict = field(default_factory=dict, repr=False, compare=False)  # float64 spectra, by metric
 
     def trusted(self, rank: int) -> bool:
         """Whether the spectrum pins the optimum at ``rank`` to 3 decimals (see TAIL_MARGIN)."""
-        return self.noise <= 0 or self.tail(rank) >= TAIL_MARGIN * self.noise
+        noise = self.noise if isinstance(self.noise, float) else float(self.noise[min(rank, len(self.noise)) - 1])
+        return noise <= 0 or self.tail(rank) >= TAIL_MARGIN * noise
 
     def tail(self, rank: int) -> float:
         """Squared error left at ``rank`` (the theoretical minimum)."""
@@ -176,7 +178,7 @@ def spectrum(
     """
     m, n = weight.shape
     full = min(m, n)
-    if fast if fast is not None else m * n * full >= FAST_PATH_MIN_WORK:
+    if (m * n * full >= FAST_PATH_MIN_WORK) if fast is None else fast:
         keep = None if max_rank is None else max_rank + oversample
         root = metric.root() if metric.gram is not None and m > n else None
         f = fast_spectrum(weight, gram=metric.gram, diag=metric.diag, root=root, keep=keep, solver=solver,
