@@ -23,6 +23,7 @@ from .errors import (
     PredictionUnavailable,
     UnsupportedOp,
 )
+from .int4 import quantize_int4
 from .latency import run_latency
 from .onnx_export import export_onnx, inspect_onnx
 from .ort_format import convert_onnx_to_ort, inspect_ort, mobile_usability
@@ -77,6 +78,7 @@ __all__ = [
     "non_finite_examples",
     "ort_runner",
     "plan_exports",
+    "quantize_int4",
     "quantize_int8",
     "register",
     "run_latency",

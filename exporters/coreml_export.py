@@ -22,6 +22,13 @@ from torch import nn
 from ._files import check_target, publish, require_file, staging_dir
 from ._logs import capture_logs, quiet_logger
 from .base import Exporter, ExportResult, Runner
+from .coreml_quant import (
+    apply_quantization,
+    compression_summary,
+    deployment_target,
+    plan_quantization,
+    quantization_info,
+)
 from .coreml_wrap import coreml_view
 from .deps import require
 from .errors import (
@@ -54,6 +61,7 @@ def _quiet_progress() -> Iterator[None]:
     for module_name, attr in (
         ("coremltools.converters.mil.frontend.torch.ops", "_tqdm"),
         ("coremltools.converters.mil.mil.passes.pass_pipeline", "tqdm"),
+        ("coremltools.optimize.coreml._quantization_passes", "tqdm"),
     ):
         module = sys.modules.get(module_name)
         if module is not None and hasattr(module, attr):
@@ -109,12 +117,19 @@ def export_coreml(
     max_batch: int = 64,
     max_sequence: int = 512,
     capture: str = "auto",
+    quantize: str | None = None,
+    block_size: int = 32,
+    palettize: int | None = None,
 ) -> ExportResult:
     """Convert ``model`` to an ML Program ``.mlpackage`` at ``path`` (atomically).
 
     ``precision``: "fp16" (default) or "fp32" compute precision; I/O stays fp32/int32.
     ``flexible``: batch (and sequence, for integer token inputs) become ``ct.RangeDim`` up to ``max_batch`` /
     ``max_sequence``. ``capture``: "trace" (torch.jit.trace), "export" (torch.export) or "auto" (trace, then export).
+    ``quantize``: "int8" (symmetric, per output channel; iOS16+) or "int4" (symmetric, per block of ``block_size``
+    input channels; iOS18+) weights; ``palettize``: instead, N-bit (2, 4, 6, 8) k-means look-up tables per tensor
+    (iOS16+). A ``minimum_target`` below what the format needs is raised (``info["minimum_target_reason"]``);
+    ``info["quantization"]`` counts the compression ops and the weights left float.
     """
     ct = import_coremltools()
     if precision not in PRECISIONS:
@@ -123,9 +138,13 @@ def export_coreml(
         raise BadInput(f"minimum_target={minimum_target!r} is not one of {', '.join(TARGETS)}; pick one")
     if capture not in CAPTURES:
         raise BadInput(f"capture={capture!r} is not one of {', '.join(CAPTURES)}; pick one")
+    plan = plan_quantization(quantize, block_size, palettize)
+    minimum_target, target_reason = deployment_target(minimum_target, plan)
     target = check_target(path, SUFFIX)
     start = time.perf_counter()
     info: dict[str, Any] = {"format": "mlpackage", "precision": precision, "minimum_target": minimum_target}
+    if target_reason:
+        info["minimum_target_reason"] = target_reason
     compute = ct.precision.FLOAT16 if precision == "fp16" else ct.precision.FLOAT32
     with eval_mode(model), warnings.catch_warnings(record=True) as caught, staging_dir(target) as tmp:
         warnings.simplefilter("always")
@@ -166,6 +185,11 @@ def export_coreml(
             info["fallback_reason"] = f"{errors[0][0]}: {first_line(errors[0][1])}"
         check_program_inputs(mlmodel, spec.input_names, info["capture"])
         check_program_reads_inputs(mlmodel, wrapper, spec.inputs, info["capture"])
+        if plan is not None:
+            with _quiet_progress(), capture_logs("coremltools", level=logging.WARNING) as records:
+                mlmodel = apply_quantization(mlmodel, plan)
+            info["quantization"] = quantization_info(plan, mlmodel.get_spec())
+            info["quantization"]["log"] = records
         staged = tmp / target.name
         mlmodel.save(str(staged))
         publish(staged, target)
@@ -315,6 +339,7 @@ def inspect_mlpackage(path: str | os.PathLike[str]) -> dict[str, Any]:
         "outputs": [_feature(ct, f) for f in spec.description.output],
         "ops": dict(counts),
         "op_count": sum(counts.values()),
+        "compression": compression_summary(spec),
         "weight_bytes": weight_bytes,
         "bytes": sum(f.stat().st_size for f in p.rglob("*") if f.is_file()),
     }
@@ -370,7 +395,8 @@ class CoreMLExporter(Exporter):
     suffix = SUFFIX
     extra = EXTRA
     requires = ("coremltools",)
-    options = ("precision", "minimum_target", "flexible", "max_batch", "max_sequence", "capture")
+    options = ("precision", "minimum_target", "flexible", "max_batch", "max_sequence", "capture",
+               "quantize", "block_size", "palettize")
 
     def export_with_info(self, model: Any, example_inputs: Any, path: str | os.PathLike[str], **options: Any) -> ExportResult:
         """Convert ``model`` (a BERT-style encoder through :func:`coreml_view`) with :func:`export_coreml`."""

@@ -1,4 +1,4 @@
-"""Registry of exporters by name: the export targets (onnx, ort, coreml...) and the transforms (int8) in the
+"""Registry of exporters by name: the export targets (onnx, ort, coreml...) and the transforms (int8, int4) in the
 order they were registered; the built-in ones come first."""
 
 from __future__ import annotations
@@ -16,11 +16,12 @@ def _ensure_builtins() -> None:
         return
     _builtins_loaded = True
     from .coreml_export import CoreMLExporter
+    from .int4 import Int4Exporter
     from .int8 import Int8Exporter
     from .onnx_export import OnnxExporter
     from .ort_format import OrtFormatExporter
 
-    for cls in (OnnxExporter, OrtFormatExporter, CoreMLExporter, Int8Exporter):
+    for cls in (OnnxExporter, OrtFormatExporter, CoreMLExporter, Int8Exporter, Int4Exporter):
         _REGISTRY.setdefault(cls.name, cls())
 
 

@@ -31,6 +31,9 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+QUANT_ALGORITHMS = ("gptq", "rtn")
+
+
 def method_config(name: str, **kwargs: Any) -> SVDConfig:
     """Build the method config for a --method name (any registered method)."""
     return registry.method_config(name, **kwargs)
@@ -78,14 +81,43 @@ class CompressConfig:
     closed_blend: float = 0.75
     closed_ridge: float = 1e-4
     blocks: str | None = field(default=None, metadata={"example": "'model.layers'"})
+    bytes: float | None = field(default=None, metadata={"example": "0.15"})
+    block_size: int = 32
+    symmetric: bool = True
+    quant_algorithm: str = "gptq"
+
+    def _check_quant(self) -> None:
+        """``bytes`` (fraction of the float32 bytes), ``block_size``, ``symmetric``, ``quant_algorithm``."""
+        if self.quant_algorithm not in QUANT_ALGORITHMS:
+            raise ConfigError(f"--quantize-algorithm {self.quant_algorithm!r} is not one of {', '.join(QUANT_ALGORITHMS)}; "
+                              "use gptq (data-aware, default) or rtn (round to nearest)")
+        b = self.block_size
+        if isinstance(b, bool) or not isinstance(b, int) or b < 16 or b & (b - 1):
+            raise ConfigError(f"--block-size {b!r} is not a power of two >= 16 (the runtime's MatMulNBits rule); "
+                              "use 16, 32, 64 or 128")
+        if not isinstance(self.symmetric, bool):
+            raise ConfigError(f"symmetric={self.symmetric!r} must be true or false")
+        if self.bytes is None:
+            return
+        f = _check_number("--budget bytes", self.bytes)
+        if not 0.0 < f <= 1.0:
+            raise ConfigError(f"--budget bytes={self.bytes!r} is outside (0, 1]; it is the fraction of the model's "
+                              "float32 bytes to ship, e.g. --budget bytes=0.15")
+        if not registry.for_config(self.method).whitened:
+            raise ConfigError(f"--budget bytes weighs choices on calibration outputs and needs --method svd-whiten "
+                              f"(got {self.method.name}); drop --method or use svd-whiten")
+        if self.calibration == "closed":
+            raise ConfigError("--calibration closed works with --ratio, --rank or --energy, not --budget bytes; "
+                              "use --calibration open (or leave it out)")
 
     def __post_init__(self) -> None:
-        given = [k for k in ("rank", "ratio", "energy", "latency") if getattr(self, k) is not None]
+        given = [k for k in ("rank", "ratio", "energy", "latency", "bytes") if getattr(self, k) is not None]
         if len(given) != 1:
             raise ConfigError(
-                f"budget options given: {given or 'none'}; exactly one of --rank, --ratio, --energy or "
-                "--budget latency=F is needed, e.g. --ratio 0.5"
+                f"budget options given: {given or 'none'}; exactly one of --rank, --ratio, --energy, "
+                "--budget latency=F or --budget bytes=F is needed, e.g. --ratio 0.5"
             )
+        self._check_quant()
         if self.latency is not None:
             lat = _check_number("--budget latency", self.latency)
             if not 0.0 < lat <= 1.0:

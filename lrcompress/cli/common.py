@@ -34,9 +34,9 @@ def parse_number(flag: str, value: str | None, kind: type) -> Any:
 
 
 def parse_budget(text: str) -> tuple[str, Any]:
-    """``--budget KIND=VALUE`` -> (kind, value) for latency, ratio, energy (floats) or rank (int)."""
+    """``--budget KIND=VALUE`` -> (kind, value) for latency, bytes, ratio, energy (floats) or rank (int)."""
     kind, sep, value = text.partition("=")
-    kinds = ("latency", "ratio", "energy", "rank")
+    kinds = ("latency", "bytes", "ratio", "energy", "rank")
     if not sep or kind not in kinds:
         raise ConfigError(f"--budget {text!r} must be KIND=VALUE with KIND one of {', '.join(kinds)}; e.g. "
                           "--budget latency=0.6")

@@ -50,7 +50,14 @@ from .recovery import (
 @click.option("--energy", type=str, default=None, help="Fraction of (whitened) spectral energy to keep per layer.")
 @click.option("--budget", type=str, default=None,
               help="latency=F: reach F x the original's ONNX Runtime latency (1 thread, batch 1, --max-length "
-                   "tokens); layers not faster factorized stay dense. ratio=F / energy=F / rank=N also accepted.")
+                   "tokens); layers not faster factorized stay dense. bytes=F: ship F x the float32 bytes, choosing "
+                   "per layer among dense, int8, int4, int4 + low-rank correction and quantized low rank. "
+                   "ratio=F / energy=F / rank=N also accepted.")
+@click.option("--block-size", type=int, default=32, show_default=True,
+              help="--budget bytes: weights per int4 scale (a power of two >= 16 dividing the layers' inputs).")
+@click.option("--quantize-algorithm", type=str, default="gptq", show_default=True,
+              help="--budget bytes: gptq (data-aware, uses --calib) | rtn (round to nearest) for int4/int8 weights.")
+@click.option("--asymmetric", is_flag=True, help="--budget bytes: int4/int8 with a zero point per block.")
 @click.option("--latency-threads", type=int, default=1, show_default=True, help="Threads for --budget latency.")
 @click.option("--latency-int8", is_flag=True, help="--budget latency: plan for the int8-quantized export.")
 @click.option("--allocate", type=str, default="global", show_default=True, help="uniform | global (with --ratio).")
@@ -137,7 +144,14 @@ def compress(source: str, output: str | None, weights: str | None, trust_pickle:
         probe_passes=probe_passes, latency_threads=latency_threads, latency_seq=max_length,
         latency_int8=latency_int8, calibration=calibration_mode, blocks=blocks,
         closed_blend=parse_number("--closed-blend", closed_blend, float),
-        closed_ridge=parse_number("--closed-ridge", closed_ridge, float))
+        closed_ridge=parse_number("--closed-ridge", closed_ridge, float), block_size=kw.pop("block_size"),
+        quant_algorithm=kw.pop("quantize_algorithm"), symmetric=not kw.pop("asymmetric"))
+    if config.bytes is not None:
+        for flag, on in (("--stream", stream or max_memory is not None), ("--recover-steps", recover_steps > 0),
+                         ("--dry-run", dry_run)):
+            if on:
+                raise ConfigError(f"{flag} does not work with --budget bytes (recovery would move weights off their "
+                                  "integer grids; streaming and dry runs plan by parameters); drop it")
     if registry.get(method).needs_calibration and not calib:
         raise ConfigError(f"--method {method} needs calibration data; pass --calib FILE or use --method "
                           f"{registry.matrix_method(False).name}")
@@ -223,7 +237,7 @@ def compress(source: str, output: str | None, weights: str | None, trust_pickle:
     if rep is not None:
         extra["recovery.json"] = rep.to_json() + "\n"
     save(model.cpu(), output, loaded.spec, plan=report.plan, side_files=loaded.side_files,
-         extra_files=extra, overwrite=overwrite)
+         extra_files=extra, overwrite=overwrite, grids=report.quant.grids if report.quant is not None else None)
     if rep is not None:
         finish_recovery(rep, state, kw.get("plot_file"))
     if recipe is not None:

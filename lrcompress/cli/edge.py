@@ -27,7 +27,15 @@ from .common import (
               help="Output folder (default: SOURCE-export beside a folder source, else ./NAME-export).")
 @click.option("--fp16", is_flag=True, help="ONNX/ORT weights in fp16 where safe (Core ML is fp16 by default).")
 @click.option("--fp32", is_flag=True, help="Core ML in fp32 compute precision.")
-@click.option("--quantize", type=str, default=None, help="int8: dynamic weight quantization of the ONNX (and .ort).")
+@click.option("--quantize", type=str, default=None,
+              help="int8 (dynamic, per channel) | int4 (MatMulNBits / GatherBlockQuantized blocks) weights of the ONNX "
+                   "(and .ort); Core ML: coremltools int8 per channel / int4 per block. A --budget bytes checkpoint "
+                   "exports its own int4/int8 choices (default int4).")
+@click.option("--block-size", type=int, default=32, show_default=True, help="int4: weights per scale.")
+@click.option("--accuracy-level", type=int, default=4, show_default=True,
+              help="int4 MatMulNBits: 4 = int8 activations (fast on CPU), 0 = float compute (exactly the codes).")
+@click.option("--int4-algorithm", type=str, default="rtn", show_default=True, help="int4 of a plain model: rtn | hqq.")
+@click.option("--asymmetric", is_flag=True, help="int4: zero points per block (default symmetric).")
 @click.option("--opset", type=int, default=18, show_default=True)
 @click.option("--inputs", "inputs_file", type=str, default=None,
               help="Example inputs (.npy/.npz/.safetensors) for models without a tokenizer.")
@@ -36,13 +44,15 @@ from .common import (
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("-q", "--quiet", is_flag=True)
-def export(source: str, targets: tuple, output: str | None, fp16: bool, fp32: bool, quantize: str | None, opset: int,
+def export(source: str, targets: tuple, output: str | None, fp16: bool, fp32: bool, quantize: str | None,
+           block_size: int, accuracy_level: int, int4_algorithm: str, asymmetric: bool, opset: int,
            inputs_file: str | None, max_length: int, weights: str | None, trust_pickle: bool, trust_code: bool,
            overwrite: bool, as_json: bool, quiet: bool) -> None:
     """Export SOURCE (a compressed folder or any model source) to edge formats."""
     from pathlib import Path
 
     from ..edge.artifacts import example_inputs, export_all, export_table, target_names
+    from ..quant.store import checkpoint_grids
     from ..io.checkpoint import check_output
     from ..io.sources import resolve
 
@@ -55,9 +65,16 @@ def export(source: str, targets: tuple, output: str | None, fp16: bool, fp32: bo
     check_paths(inputs=[weights, inputs_file], sources=[source], folders={"-o": output})
     check_output(output, overwrite)
     loaded = resolve(source, weights=weights, trust_pickle=trust_pickle, trust_code=trust_code)
+    table = checkpoint_grids(source, loaded.model)
+    if table is not None:
+        if quantize not in (None, "int4"):
+            raise ConfigError(f"--quantize {quantize} does not apply to {source!r}: its --budget bytes plan chose "
+                              "int4/int8 per layer; export it with --quantize int4 (or leave --quantize out)")
+        quantize = "int4"
     inputs = example_inputs(loaded.tokenizer, inputs_file, max_length=max_length)
     rows = export_all(loaded.model, inputs, output, list(targets), fp16=fp16, fp32=fp32, quantize=quantize,
-                      opset=opset, overwrite=overwrite)
+                      opset=opset, overwrite=overwrite, block_size=block_size, accuracy_level=accuracy_level,
+                      algorithm=int4_algorithm, symmetric=not asymmetric, table=table)
     if as_json:
         click.echo(json.dumps({"source": source, "output": output, "artifacts": rows}, indent=2, default=str))
     elif not quiet:

@@ -57,11 +57,14 @@ def example_inputs(tokenizer: Any | None, inputs_file: str | None = None, *, sen
 
 def export_all(model: nn.Module, inputs: dict[str, torch.Tensor], out: str | Path, targets: list[str], *,
                fp16: bool = False, fp32: bool = False, quantize: str | None = None, opset: int = 18,
-               overwrite: bool = False) -> list[dict[str, Any]]:
+               overwrite: bool = False, block_size: int = 32, accuracy_level: int = 4, algorithm: str = "rtn",
+               symmetric: bool = True, table: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Write the artifacts of ``targets`` (``model.onnx``, ``model.ort``, ``model.mlpackage``...; with
     ``quantize`` also ``model.int8.onnx``, from which the .ort is then converted) into ``out``; returns one
     row per artifact (target, path, bytes, seconds, the exporter's details) in the registry's chain order.
-    A Hugging Face causal LM is exported as ``input_ids`` (+ ``attention_mask``) -> ``logits`` (no KV cache)."""
+    int4 (ONNX): ``block_size``, ``accuracy_level``, ``algorithm``, ``symmetric``; ``table``: the codes of a
+    ``--budget bytes`` checkpoint, written as they are (the plan's int4/int8 choices, nothing else); Core ML
+    quantizes with coremltools (int8 per channel, int4 per block). A Hugging Face causal LM is exported as ``input_ids`` (+ ``attention_mask``) -> ``logits`` (no KV cache)."""
 
     valid = target_names()
     bad = [t for t in targets if t not in valid]
@@ -82,6 +85,14 @@ def export_all(model: nn.Module, inputs: dict[str, torch.Tensor], out: str | Pat
     for step in steps:  # before anything is written
         step.exporter.ensure_available()
     options = {"opset": opset, "fp16": fp16, "precision": "fp32" if fp32 else "fp16"}  # each exporter takes its own
+    if quantize == "int4":
+        from exporters.int4 import check_int4_options
+        check_int4_options(block_size, algorithm, accuracy_level)
+        options.update(block_size=block_size, accuracy_level=accuracy_level, algorithm=algorithm, symmetric=symmetric)
+        if table is not None:
+            options["table"] = table
+    if quantize in ("int8", "int4") and "coreml" in targets:
+        options["quantize"] = quantize
     with atomic_folder(out, overwrite) as tmp:
         done = exporters.export_targets(model.eval(), inputs, tmp, steps, options)
     out = Path(out)

@@ -52,8 +52,11 @@ def versions(extra: tuple[str, ...] = ()) -> dict[str, str]:
 
 def save(model: nn.Module, out: str | Path, source: dict[str, Any], *, plan: dict[str, Any] | None = None,
          side_files: dict[str, Path] | None = None, extra_files: dict[str, str] | None = None,
-         overwrite: bool = False) -> Path:
-    """Write ``out`` atomically: a temporary sibling is filled, then renamed into place."""
+         overwrite: bool = False, grids: dict[str, Any] | None = None) -> Path:
+    """Write ``out`` atomically: a temporary sibling is filled, then renamed into place. ``grids``: the
+    integer grids of quantized parameters (``--budget bytes``), written to ``quant.safetensors``."""
+    from ..quant.store import GRIDS, grid_entries, write_grids
+
     from safetensors.torch import save_model
 
     with atomic_folder(out, overwrite) as tmp:
@@ -70,6 +73,9 @@ def save(model: nn.Module, out: str | Path, source: dict[str, Any], *, plan: dic
             (tmp / rel).write_text(text)
         manifest = {"format": FORMAT, "source": source.get("arch", source), "versions": versions(),
                     "layers": factorized_layers(model), "plan": plan}
+        if grids:
+            write_grids(grids, tmp / GRIDS)
+            manifest["quantization"] = grid_entries(grids)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return Path(out)
 

@@ -103,6 +103,41 @@ class LowRankConv1x1(nn.Module):
         return f"{self.in_channels}, {self.out_channels}, rank={self.rank}"
 
 
+class CorrectedLinear(nn.Module):
+    """y = base(x) + fix(x): a (quantized) Linear plus a low-rank correction of what the
+    quantization lost (``fix``: Linear(in, k) then Linear(k, out), no bias)."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True,
+                 device: torch.device | None = None, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.base = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.fix = LowRankLinear(in_features, out_features, rank, bias=False, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + self.fix(x)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense matrix this module represents."""
+        return self.base.weight + self.fix.second.weight @ self.fix.first.weight
+
+    @classmethod
+    def from_parts(cls, base: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> "CorrectedLinear":
+        """base: out x in; correction a @ b (a: out x k, b: k x in)."""
+        mod = cls(base.shape[1], base.shape[0], a.shape[1], bias=bias is not None, device=base.device, dtype=base.dtype)
+        with torch.no_grad():
+            mod.base.weight.copy_(base)
+            mod.fix.first.weight.copy_(b)
+            mod.fix.second.weight.copy_(a)
+            if bias is not None:
+                mod.base.bias.copy_(bias)
+        return mod
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, correction_rank={self.rank}"
+
+
 def build_shell(kind: str, shape: list[int], rank: int, bias: bool = False,
                 padding_idx: int | None = None, dtype: torch.dtype | None = None,
                 info: dict | None = None) -> nn.Module:
@@ -118,4 +153,7 @@ def build_shell(kind: str, shape: list[int], rank: int, bias: bool = False,
         out_c, in_c = shape
         return LowRankConv1x1(in_c, out_c, rank, stride=tuple(info.get("stride", (1, 1))),
                               padding=tuple(info.get("padding", (0, 0))), bias=bias, dtype=dtype)
+    if kind == "corrected":
+        out_f, in_f = shape
+        return CorrectedLinear(in_f, out_f, rank, bias=bias, dtype=dtype)
     raise ValueError(f"unknown factorized layer kind {kind!r}")

@@ -13,7 +13,7 @@ from ..decompose import factorize as factorize_matrix
 from ..errors import ConfigError
 from .base import Factorized, Method
 from .kinds import dtype_name, layer_matrix
-from .layers import LowRankConv1x1, LowRankEmbedding, LowRankLinear, build_shell
+from .layers import CorrectedLinear, LowRankConv1x1, LowRankEmbedding, LowRankLinear, build_shell
 
 if TYPE_CHECKING:
     from ..planning.plan_types import LayerPlan, Plan
@@ -51,8 +51,8 @@ class SVDMethod(Method):
     name = "svd"
     config = SVDConfig
     summary = "plain truncated SVD (Linear, Embedding, 1x1 Conv2d)"
-    modules = (LowRankLinear, LowRankEmbedding, LowRankConv1x1)
-    entry_kinds = ("linear", "embedding", "conv1x1")
+    modules = (LowRankLinear, LowRankEmbedding, LowRankConv1x1, CorrectedLinear)
+    entry_kinds = ("linear", "embedding", "conv1x1", "corrected")
     spectral = True
     latency_budget = True
 
@@ -82,6 +82,9 @@ class SVDMethod(Method):
             return {"kind": "conv1x1", "shape": [mod.out_channels, mod.in_channels], "rank": mod.rank,
                     "bias": mod.second.bias is not None, "stride": list(mod.first.stride),
                     "padding": list(mod.first.padding), "dtype": dtype_name(mod.first.weight)}
+        if isinstance(mod, CorrectedLinear):  # a quantized Linear + its low-rank correction (--budget bytes)
+            return {"kind": "corrected", "shape": [mod.out_features, mod.in_features], "rank": mod.rank,
+                    "bias": mod.base.bias is not None, "dtype": dtype_name(mod.base.weight)}
         return {"kind": "linear", "shape": [mod.out_features, mod.in_features], "rank": mod.rank,
                 "bias": mod.second.bias is not None, "dtype": dtype_name(mod.first.weight)}
 

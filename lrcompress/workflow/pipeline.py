@@ -19,6 +19,7 @@ from ..methods import registry
 from ..methods.apply import apply_plan
 from ..planning.make_plan import Plan, make_plan
 from ..planning.targets import select_targets
+from ..quant.plan import apply_bytes, plan_bytes
 from ..recovery.train import recover
 from ..streaming.engine import closed_applies
 from .blocks import compress_blocks
@@ -90,6 +91,8 @@ def compress_(model: nn.Module, config: CompressConfig, calibration: Calibration
     """Compress ``model`` in place; returns the report."""
     check_calibration(config, calibration)
     tick = lambda stage: (lambda x: progress(stage, x)) if progress else None  # noqa: E731
+    if config.bytes is not None:
+        return compress_bytes(model, config, calibration, batch_size=batch_size, device=device, tick=tick)
     if closed_applies(model, config, calibration):  # block by block, each layer fitted to the original outputs
         t0 = time.perf_counter()
         calib = gather(model, config, calibration, batch_size=batch_size, device=device, progress=tick("calibrate"))
@@ -120,6 +123,28 @@ def compress_(model: nn.Module, config: CompressConfig, calibration: Calibration
         plan=p.to_dict(),
     )
     report.stats = calib
+    return report
+
+
+def compress_bytes(model: nn.Module, config: CompressConfig, calibration: CalibrationLike, *, batch_size: int,
+                   device: str | torch.device, tick: Callable[[str], Any]) -> CompressionReport:
+    """``--budget bytes=F``: a choice per layer among dense, int8, int4, corrected int4 and quantized low rank
+    (see :mod:`lrcompress.quant.plan`); the model keeps the weights as shipped, ``report.quant`` the grids."""
+    params_before, bytes_before = sum(p.numel() for p in model.parameters()), param_bytes(model)
+    t0 = time.perf_counter()
+    calib = gather(model, config, calibration, batch_size=batch_size, device=device, progress=tick("calibrate"))
+    t1 = time.perf_counter()
+    bp, chosen = plan_bytes(model, config, calib, progress=tick("plan"))
+    t2 = time.perf_counter()
+    apply_bytes(model, bp, chosen)
+    t3 = time.perf_counter()
+    report = CompressionReport(layers=[], params_before=params_before,
+                               params_after=sum(q.numel() for q in model.parameters()), bytes_before=bytes_before,
+                               bytes_after=bp.planned_bytes, config=config.to_dict(),
+                               seconds={"calibrate": t1 - t0, "plan": t2 - t1, "apply": t3 - t2, "total": t3 - t0},
+                               calibration={"examples": calib.examples, "tokens": calib.tokens},
+                               plan={"bytes": bp.to_dict()})
+    report.quant, report.stats = bp, calib
     return report
 
 

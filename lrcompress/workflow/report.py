@@ -28,6 +28,7 @@ class CompressionReport:
     plan: dict[str, Any] = field(default_factory=dict, repr=False)
     recovery: dict[str, Any] | None = None
     stats: Any = field(default=None, repr=False)  # the Calibration used (not serialised)
+    quant: Any = field(default=None, repr=False)  # a --budget bytes plan (its dict is in ``plan``)
 
     def add_recovery(self, recovery: Any, model: Any) -> None:
         """Record a recovery run (its report) and the recovered model's size."""
@@ -67,6 +68,9 @@ class CompressionReport:
         return json.dumps(self.to_dict(), indent=2, default=_finite)
 
     def table(self) -> str:
+        if self.quant is not None:
+            return self.quant.table() + (("\ntime " + ", ".join(f"{k} {v:.2f}s" for k, v in self.seconds.items()))
+                                         if self.seconds else "")
         head = f"{'layer':44} {'shape':>12} {'method':>10} {'rank':>5} {'params':>17} {'rel.err':>8} {'optimal':>8} {'ratio':>6}"
         lines = [head, "-" * len(head)]
         for l in self.layers:
