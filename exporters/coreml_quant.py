@@ -150,7 +150,7 @@ def compression_summary(spec: Any) -> dict[str, Any]:
 
     floats = {value for name, value in MIL_pb2.DataType.items() if "FLOAT" in name}
     ops: Counter = Counter()
-    counts = {"weights_quantized": 0, "weights_left_float": 0, "vectors_left_float": 0}
+    counts = {"weights_quantized": 0, "weights_left_float": 0, "vectors_left_float": 0, "large_left_float": 0}
 
     def visit(op: Any) -> None:
         if op.type in COMPRESSION_OPS:
@@ -161,6 +161,10 @@ def compression_summary(spec: Any) -> dict[str, Any]:
             tensor = op.outputs[0].type.tensorType if op.outputs else None
             if tensor is not None and tensor.dataType in floats:
                 counts["weights_left_float" if tensor.rank >= 2 else "vectors_left_float"] += 1
+                size = 1
+                for d in tensor.dimensions:
+                    size *= max(int(d.constant.size), 1)
+                counts["large_left_float"] += tensor.rank >= 2 and size > WEIGHT_THRESHOLD
 
     if spec.WhichOneof("Type") == "mlProgram":
         for function in spec.mlProgram.functions.values():
@@ -174,6 +178,9 @@ def quantization_info(plan: QuantPlan, spec: Any) -> dict[str, Any]:
     """``info["quantization"]`` for the compressed program ``spec``; raises :class:`ExportError` when the
     program has no compression op (coremltools silently compressed nothing)."""
     summary = compression_summary(spec)
+    if not summary["compressed_ops"] and not summary["large_left_float"]:  # every weight under the threshold
+        return {**plan.describe(), **summary, "left_float_reason": _left_float_why(plan),
+                "note": "no weight is large enough to compress: the package stays float"}
     if not summary["compressed_ops"]:
         raise ExportError(
             f"Core ML {plan.label} compressed no weight ({summary['weights_left_float']} float weight matrices left; "

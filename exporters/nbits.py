@@ -53,12 +53,14 @@ def check_block(block: int, cols: int, what: str, bits: int = 4) -> None:
     if bits not in BITS:
         raise BadInput(f"bits={bits!r} is not one of {BITS}; use 4 or 8")
     if not isinstance(block, int) or isinstance(block, bool) or block < 16 or block & (block - 1):
-        raise BadInput(f"block_size={block!r} is not a power of two >= 16 (MatMulNBits' rule); use 16, 32, 64 or 128")
+        raise BadInput(f"block size {block!r} is not a power of two >= 16 (MatMulNBits' rule); use 16, 32, 64 or 128")
     if cols % block:
         fit = max((b for b in (16, 32, 64, 128) if cols % b == 0), default=None)
-        fix = f"use block_size={fit}" if fit else "compress with ranks that are multiples of 16 (--rank-multiple 16)"
-        raise BadInput(f"block_size {block} does not divide dimension {cols} of {what}: int{bits} blocks run along "
-                       f"it; {fix}, or keep that weight in float")
+        fix = (f"use block size {fit}" if fit else
+               f"no int{bits} block (16-128) divides {cols}: use int8 instead (a low-rank model: compress with "
+               "--budget bytes, whose ranks are multiples of 32)")
+        raise BadInput(f"block size {block} does not divide dimension {cols} of {what}: int{bits} blocks run along "
+                       f"it; {fix}")
 
 
 def rtn(view: np.ndarray, bits: int = 4, block: int = 32, symmetric: bool = True) -> Codes:

@@ -25,6 +25,35 @@ def _value_info(onnx: Any, value: Any) -> dict[str, Any]:
     return {"name": value.name, "dtype": dtype, "shape": shape}
 
 
+def weight_components(onnx: Any, model: Any, file_bytes: int) -> dict[str, int]:
+    """Bytes of the initializers by role: n-bit codes of MatMulNBits / GatherBlockQuantized, int8 codes of dynamic
+    quantisation, their scales and zero points, float matrices, float vectors; ``graph`` is the rest of the file."""
+    roles: dict[str, str] = {}
+    for node in model.graph.node:
+        if node.op_type == "MatMulNBits":
+            bits = next((a.i for a in node.attribute if a.name == "bits"), 4)
+            for i, name in enumerate(node.input[1:], start=1):
+                roles.setdefault(name, f"int{bits} codes" if i == 1 else "scales")
+        elif node.op_type == "GatherBlockQuantized":
+            for i, name in enumerate(node.input):
+                if i != 1:
+                    roles.setdefault(name, "int4 codes" if i == 0 else "scales")
+    out: dict[str, int] = {}
+    for t in model.graph.initializer:
+        size = len(t.raw_data) if t.raw_data else t.ByteSize()
+        role = roles.get(t.name)
+        if role is None:
+            if t.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8):
+                role = "int8 codes"
+            elif len(t.dims) >= 2:
+                role = "float matrices"
+            else:
+                role = "float vectors"
+        out[role] = out.get(role, 0) + size
+    out["graph"] = max(file_bytes - sum(out.values()), 0)
+    return out
+
+
 def inspect_onnx(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Validate an .onnx file with onnx.checker and summarise it: opset, I/O, op counts, bytes."""
     onnx = require("onnx", EXTRA)
@@ -45,6 +74,7 @@ def inspect_onnx(path: str | os.PathLike[str]) -> dict[str, Any]:
     }
     files = [p] + [p.parent / loc for loc in sorted(locations)]
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    file_bytes = sum(f.stat().st_size for f in files if f.exists())
     return {
         "format": "onnx",
         "path": str(p),
@@ -56,5 +86,6 @@ def inspect_onnx(path: str | os.PathLike[str]) -> dict[str, Any]:
         "ops": dict(Counter(n.op_type for n in model.graph.node)),
         "node_count": len(model.graph.node),
         "external_data": bool(locations),
-        "bytes": sum(f.stat().st_size for f in files if f.exists()),
+        "bytes": file_bytes,
+        "components": weight_components(onnx, model, file_bytes),
     }

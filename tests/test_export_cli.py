@@ -64,7 +64,7 @@ EXPORT_CASES = {
     "unknown-target": (["--to", "tflite"], ["--to tflite", "onnx, ort, coreml"]),
     "no-target": ([], ["no --to target", "--to onnx"]),
     "fp16-and-fp32": (["--to", "onnx", "--fp16", "--fp32"], ["--fp16 and --fp32"]),
-    "quantize-int4": (["--to", "onnx", "--quantize", "int4"], ["--quantize 'int4'", "int8"]),
+    "quantize-int3": (["--to", "onnx", "--quantize", "int3"], ["--quantize 'int3'", "int8", "int4"]),
     "opset-11": (["--to", "onnx", "--opset", "11"], ["--opset 11", ">= 18"]),
     "no-inputs-no-tokenizer": (["--to", "onnx", "NOINPUTS"], ["no tokenizer", "--inputs FILE"]),
 }

@@ -134,7 +134,7 @@ def _mlp_inputs() -> dict[str, torch.Tensor]:
 
 def test_registry_lists_targets_transforms_and_runtimes(toys: dict[str, Exporter]) -> None:
     assert exporters.target_names() == ["onnx", "ort", "coreml", "npz", "pt2", "opcount"]
-    assert exporters.transform_names() == ["int8"] and "int8" not in exporters.exporter_names()
+    assert exporters.transform_names() == ["int8", "int4"] and "int8" not in exporters.exporter_names()
     assert exporters.runtime_names() == ["onnxruntime", "coreml", "npz", "pt2", "opcount"]
     assert exporters.exporter_for_path("out/model.npz") is toys["npz"]
     assert exporters.exporter_for_path("out/model.int8.onnx").name == "onnx"
@@ -167,8 +167,8 @@ def test_chain_order_comes_from_the_registry() -> None:
     assert plan(["coreml"], ("int8",)) == [("coreml", "model.mlpackage", None, True)]  # no ONNX, nothing to quantize
     with pytest.raises(BadInput, match="'tflite'"):
         exporters.plan_exports(["onnx", "tflite"])
-    with pytest.raises(BadInput, match="transform.*'int4'"):
-        exporters.plan_exports(["onnx"], ("int4",))
+    with pytest.raises(BadInput, match="transform.*'int3'"):
+        exporters.plan_exports(["onnx"], ("int3",))
     with pytest.raises(BadInput, match="none"):
         exporters.plan_exports([])
 

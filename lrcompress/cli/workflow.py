@@ -63,7 +63,9 @@ def run(recipe_file: str, output: str, save_recipe: str | None, overwrite: bool,
 @click.option("--ratios", type=str, required=True, help="Fractions of the model's params to keep, e.g. 0.9,0.75,0.5.")
 @click.option("--methods", type=str, default=registry.DEFAULT, show_default=True,
               help="Comma-separated registered methods.")
-@click.option("--quantize", type=str, default="none", show_default=True, help="Comma-separated: none,int8.")
+@click.option("--quantize", type=str, default="none", show_default=True, help="Comma-separated: none,int8,int4.")
+@click.option("--bytes", "bytes_list", type=str, default=None,
+              help="Also --budget bytes=F points (int4/int8/corrected per layer), e.g. 0.12,0.15 (needs --calib).")
 @click.option("--data", "data_path", required=True, help="Held-out data for drift (text or tensors).")
 @click.option("--samples", type=int, default=None, help="Use only the first N held-out examples.")
 @click.option("--threads", type=int, default=1, show_default=True, help="ONNX Runtime threads for latency.")
@@ -75,13 +77,17 @@ def run(recipe_file: str, output: str, save_recipe: str | None, overwrite: bool,
 @click.option("-q", "--quiet", is_flag=True)
 def sweep(source: str, weights: str | None, trust_pickle: bool, trust_code: bool, calib: str | None, max_length: int,
           calib_samples: int | None, batch_size: int, targets: tuple, exclude: tuple, ratios: str, methods: str,
-          quantize: str, data_path: str, samples: int | None, threads: int, runs: int, plot: str | None,
+          quantize: str, bytes_list: str | None, data_path: str, samples: int | None, threads: int, runs: int, plot: str | None,
           json_file: str | None, keep: str | None, overwrite: bool, quiet: bool) -> None:
     """Compress SOURCE at each ratio x method, export to ONNX (x quantization), validate on
     ONNX Runtime; print params, bytes, latency, drift and the Pareto-optimal points."""
     from ..workflow.sweep import check_sweep, run_sweep, sweep_table
 
+    from ..workflow.sweep import check_bytes
     ratio_list, method_list, quant_list = check_sweep(ratios, methods, quantize)
+    fractions = check_bytes(bytes_list)
+    if fractions and not calib:
+        raise ConfigError("--bytes points weigh their choices on calibration data; pass --calib FILE or drop --bytes")
     if threads < 1:
         raise ConfigError(f"--threads {threads} must be >= 1; e.g. --threads 1")
     if runs < 1:
@@ -106,7 +112,7 @@ def sweep(source: str, weights: str | None, trust_pickle: bool, trust_code: bool
         if not quiet:
             click.echo(msg, err=True)
 
-    points = run_sweep(loaded, cal, held, ratio_list, method_list, quant_list, targets=targets, exclude=exclude,
+    points = run_sweep(loaded, cal, held, ratio_list, method_list, quant_list, fractions=fractions, targets=targets, exclude=exclude,
                        batch_size=batch_size, max_length=max_length, threads=threads, runs=runs, keep=keep,
                        progress=say)
     from ..paths import atomic_file, write_text

@@ -101,6 +101,9 @@ class ValidationReport:
             lines.append(f"structure: inputs {[i.get('name') for i in st.get('inputs', [])]}, outputs "
                          f"{[o.get('name') for o in st.get('outputs', [])]}, {sum(ops.values()) if ops else '?'} ops"
                          + (f", weights {st['weight_bytes'] / 1e6:.2f} MB" if st.get("weight_bytes") else ""))
+            if st.get("components"):
+                lines.append("bytes by component: " + ", ".join(f"{k} {v / 1e6:.3f} MB" for k, v in
+                                                                 sorted(st["components"].items(), key=lambda kv: -kv[1])))
         if self.perplexity.get("models"):
             p = self.perplexity
             ref, cand = p["models"][0], p["models"][-1]

@@ -23,7 +23,7 @@ from .schema import Spec, spec_of
 
 GATES = ("max_cosine_drift", "max_abs_error", "min_top1_agreement", "max_latency_ratio", "max_size_ratio",
          "max_ppl_ratio")
-BUDGETS = ("rank", "ratio", "energy", "latency")
+BUDGETS = ("rank", "ratio", "energy", "latency", "bytes")
 
 
 @dataclass(frozen=True)

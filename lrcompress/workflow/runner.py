@@ -15,6 +15,7 @@ from ..io.checkpoint import atomic_folder, check_output, save
 from ..io.data import open_data
 from ..io.sources import resolve
 from ..methods import registry
+from ..quant.store import export_table
 from ..recovery.train import recover
 from .pipeline import run
 from .recipe import ExportSection, Recipe, ValidateSection
@@ -40,8 +41,8 @@ def candidate_path(folder: Path, v: ValidateSection, e: ExportSection | None) ->
         return folder / "export" / "model.ort"
     if v.artifact == "coreml":
         return folder / "export" / "model.mlpackage"
-    int8 = e is not None and e.quantize == "int8"
-    return folder / "export" / ("model.int8.onnx" if int8 else "model.onnx")
+    quant = e.quantize if e is not None and e.quantize in ("int8", "int4") else None
+    return folder / "export" / (f"model.{quant}.onnx" if quant else "model.onnx")
 
 
 def recipe_inputs(recipe: Recipe) -> list[str]:
@@ -117,16 +118,25 @@ def run_recipe(recipe: Recipe, out: str | Path, *, overwrite: bool = False, trus
                 extra["recovery.json"] = rrep.to_json() + "\n"
             extra["report.json"] = crep.to_json() + "\n"
             student = student.cpu()
-            save(student, tmp / "model", loaded.spec, plan=crep.plan, side_files=loaded.side_files, extra_files=extra)
+            grids = crep.quant.grids if crep.quant is not None else None
+            save(student, tmp / "model", loaded.spec, plan=crep.plan, side_files=loaded.side_files, extra_files=extra,
+                 grids=grids)
             report["compression"] = crep.to_dict()
         if recipe.export is not None:
             e = recipe.export
             say("export", ", ".join(e.to))
             inputs = example_inputs(loaded.tokenizer, None if loaded.tokenizer else (calib_path or eval_path),
                                     max_length=d.max_length)
+            quantize = None if e.quantize == "none" else e.quantize
+            table = None
+            if recipe.compress is not None and crep.quant is not None:  # a byte budget: its own int4/int8 choices
+                if quantize not in (None, "int4"):
+                    raise ConfigError(f"recipe [export].quantize = {e.quantize!r} does not apply to a bytes budget, "
+                                      "which chose int4/int8 per layer; use quantize = \"int4\"")
+                quantize, table = "int4", export_table(crep.quant.grids)
             rows = export_all(student, inputs,
                               tmp / "export", list(e.to), fp16=e.fp16, fp32=e.precision == "fp32",
-                              quantize=None if e.quantize == "none" else e.quantize, opset=e.opset)
+                              quantize=quantize, opset=e.opset, table=table)
             for r in rows:
                 r["path"] = str(Path(out) / "export" / Path(r["path"]).name)
             report["export"] = rows

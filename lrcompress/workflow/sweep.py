@@ -44,6 +44,25 @@ def check_sweep(ratios: str, methods: str, quantize: str) -> tuple[list[float], 
     return sorted(set(out), reverse=True), ms, qs
 
 
+def check_bytes(text: str | None) -> list[float]:
+    """The sweep's ``--bytes`` fractions of the float32 bytes (none when not given)."""
+    if text is None:
+        return []
+    out = []
+    for item in (t.strip() for t in text.split(",") if t.strip()):
+        try:
+            v = float(item)
+        except ValueError:
+            raise ConfigError(f"--bytes entry {item!r} is not a number; e.g. --bytes 0.12,0.15") from None
+        if not 0.0 < v < 1.0:
+            raise ConfigError(f"--bytes entry {item} is outside (0, 1); it is the fraction of the float32 bytes to "
+                              "ship, e.g. 0.15")
+        out.append(v)
+    if not out:
+        raise ConfigError(f"--bytes {text!r} is empty; give fractions of the float32 bytes, e.g. --bytes 0.12,0.15")
+    return sorted(set(out), reverse=True)
+
+
 def _choices(flag: str, text: str, allowed: tuple[str, ...], example: str) -> list[str]:
     """A non-empty comma list of ``allowed`` names, duplicates dropped, order kept."""
     items = [v.strip() for v in text.split(",") if v.strip()]
@@ -67,12 +86,15 @@ def pareto(points: list[dict[str, Any]], size_tol: float = 0.005) -> None:
 
 
 def run_sweep(loaded: Any, calib: Any, held: Any, ratios: list[float], methods: list[str], quants: list[str], *,
-              targets: tuple = (), exclude: tuple = (), batch_size: int = 32, max_length: int = 128,
+              fractions: list[float] = (), targets: tuple = (), exclude: tuple = (), batch_size: int = 32, max_length: int = 128,
               threads: int = 1, runs: int = 30, keep: str | None = None,
               progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
-    """One point per (ratio, method, quantization) plus the original and int8-only; each has
-    params, bytes, latency p50/p90 (batch 1), cosine mean/worst vs the original, drift."""
+    """One point per (ratio, method, quantization) plus the original and int8-only, and one per byte budget in
+    ``fractions`` (int4/int8/corrected per layer, exported code for code); each has params, bytes, latency
+    p50/p90 (batch 1), cosine mean/worst vs the original, drift."""
     import exporters
+
+    from ..quant.store import export_table
 
 
     say = progress or (lambda msg: None)
@@ -88,10 +110,12 @@ def run_sweep(loaded: Any, calib: Any, held: Any, ratios: list[float], methods: 
         reference = ReferenceCache(ref_path)  # the original's outputs and latency are measured once
         params0 = sum(p.numel() for p in model.parameters())
 
-        def measure(label: str, method: str, ratio: float, quant: str, path: Path, params: int) -> None:
-            if quant != "none":  # a transform of the ONNX file (int8)
+        def measure(label: str, method: str, ratio: float, quant: str, path: Path, params: int,
+                    table: dict | None = None) -> None:
+            if quant != "none":  # a transform of the ONNX file (int8, int4; a byte budget's own codes)
                 transform = exporters.get_exporter(quant)
-                path = transform.derive(path, path.with_name(transform.file_name(path.stem))).path
+                opts = {} if table is None else {"table": table}
+                path = transform.derive(path, path.with_name(transform.file_name(path.stem)), **opts).path
             rep = validate(str(path), model, "original", held, threads=threads, batch_size=1, max_length=max_length,
                            runs=runs, reference_cache=reference)
             out = next(iter(rep.outputs.values()))
@@ -122,6 +146,16 @@ def run_sweep(loaded: Any, calib: Any, held: Any, ratios: list[float], methods: 
                 for quant in quants:
                     measure(f"{method} {ratio:g}" + (f" + {quant}" if quant != "none" else ""), method, ratio, quant,
                             path, crep.params_after)
+        for frac in fractions:
+            names = tuple(select_targets(model, tuple(targets), tuple(exclude), registry.DEFAULT))
+            cfg = CompressConfig(bytes=frac, targets=names)
+            if names not in stats_by_targets:
+                say(f"calibrating {len(names)} layers")
+                stats_by_targets[names] = gather(model, cfg, calib, batch_size=batch_size)
+            student, crep = compress(model, cfg, stats_by_targets[names])
+            path = onnx.export_with_info(student.eval(), example, work / onnx.file_name(f"bytes-{frac:g}")).path
+            measure(f"bytes {frac:g} (int4/int8/fix)", "bytes", frac, "int4", path, crep.params_after,
+                    table=export_table(crep.quant.grids))
     pareto(points)
     return points
 
@@ -151,13 +185,14 @@ def pareto_plot(points: list[dict[str, Any]], path: str, title: str = "") -> Non
     ys = [max(p["drift"], floor) for p in points]
     cs = [p["p50_ms"] for p in points]
     shapes = ("s", "o", "^", "v", "P", "X", "<", ">")  # one per registered method, in registry order
-    markers = {"original": "*", **{m: shapes[i % len(shapes)] for i, m in enumerate(registry.names())}}
+    markers = {"original": "*", "bytes": "D", **{m: shapes[i % len(shapes)] for i, m in enumerate(registry.names())}}
+    edges = {"int8": "red", "int4": "blue"}
     sc = None
     for p, x, y, c in zip(points, xs, ys, cs):
         m = markers.get(p["method"], "D")
         sc = ax.scatter([x], [y], c=[c], cmap="viridis", vmin=min(cs), vmax=max(cs), marker=m,
                         s=160 if p["method"] == "original" else 60,
-                        edgecolors="red" if p["quantize"] == "int8" else "black", linewidths=1.2)
+                        edgecolors=edges.get(p["quantize"], "black"), linewidths=1.2)
         ax.annotate(p["label"], (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
     front = sorted((p for p in points if p["pareto"]), key=lambda p: p["bytes"])
     ax.plot([p["bytes"] / 1e6 for p in front], [max(p["drift"], floor) for p in front], "k--", lw=0.8,
@@ -165,7 +200,8 @@ def pareto_plot(points: list[dict[str, Any]], path: str, title: str = "") -> Non
     ax.set_yscale("log")
     ax.set_xlabel("model file (MB)")
     ax.set_ylabel(f"drift: 1 - cosine mean (floor {floor:g})")
-    ax.set_title(f"{title}: size vs drift (o whitened SVD, s plain SVD, * original; red edge = int8)", fontsize=8)
+    ax.set_title(f"{title}: size vs drift (o whitened SVD, s plain SVD, D byte budget, * original; edge red = int8, "
+                 "blue = int4)", fontsize=8)
     if sc is not None:
         fig.colorbar(sc, ax=ax, label="ORT p50 latency (ms)")
     ax.legend(fontsize=7)
