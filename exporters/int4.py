@@ -33,16 +33,27 @@ def check_int4_options(block_size: int, algorithm: str, accuracy_level: int) -> 
                        "(exact codes), 4 quantizes activations to int8 (fastest on CPU)")
 
 
-def _hqq(model: Any, block_size: int, embeddings: bool) -> dict[str, Any]:
-    """onnxruntime's HQQ quantizer (asymmetric, float zero points) on every MatMul (and no Gather: its
-    GatherBlockQuantized takes integer zero points only)."""
+def _hqq(model: Any, block_size: int, symmetric: bool, embeddings: bool, accuracy_level: int) -> dict[str, Any]:
+    """onnxruntime's HQQ quantizer (asymmetric, float zero points) on every MatMul; embedding tables by round to
+    nearest (GatherBlockQuantized takes integer zero points only, which HQQ does not produce)."""
     q = require("onnxruntime.quantization.matmul_nbits_quantizer", EXTRA)
     config = q.HQQWeightOnlyQuantConfig(block_size=block_size, bits=4, op_types_to_quantize=("MatMul",))
     quantizer = q.MatMulNBitsQuantizer(model, algo_config=config)
     quantizer.process()
     out = quantizer.model.model
-    counts = {"MatMulNBits": sum(n.op_type == "MatMulNBits" for n in out.graph.node), "GatherBlockQuantized": 0}
-    return {"model": out, "quantized_ops": counts, "embeddings_left_float": embeddings}
+    if accuracy_level:
+        for node in out.graph.node:
+            if node.op_type == "MatMulNBits" and not any(a.name == "accuracy_level" for a in node.attribute):
+                node.attribute.append(onnx_helper().make_attribute("accuracy_level", accuracy_level))
+    rtn = rtn_picker(4, block_size, symmetric, embeddings)
+    tables = rewrite(out, lambda kind, name, view: rtn(kind, name, view) if kind == "gather" else None)
+    counts = {"MatMulNBits": sum(n.op_type == "MatMulNBits" for n in out.graph.node),
+              "GatherBlockQuantized": tables["quantized_ops"]["GatherBlockQuantized"]}
+    return {"model": out, "quantized_ops": counts}
+
+
+def onnx_helper() -> Any:
+    return require("onnx", EXTRA).helper
 
 
 def quantize_int4(
@@ -80,7 +91,7 @@ def quantize_int4(
             mode = "rtn"
         else:
             try:
-                done = _hqq(model, block_size, embeddings)
+                done = _hqq(model, block_size, symmetric, embeddings, accuracy_level)
             except BadInput:
                 raise
             except Exception as exc:

@@ -38,6 +38,7 @@ class Calibration:
     tokens: int = 0
     probe: list[Batch] = field(default_factory=list, repr=False)
     latency_inputs: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+    cache: dict = field(default_factory=dict, repr=False)  # results derived from these statistics (byte-plan choices)
 
     def __contains__(self, name: str) -> bool:
         return name in self.layers and self.layers[name].rows > 0

@@ -138,6 +138,9 @@ def compress(source: str, output: str | None, weights: str | None, trust_pickle:
             given = [f"--{k}" for k, v in budgets.items() if v is not None]
             raise ConfigError(f"--budget {budget} contradicts {', '.join(given)}; give one budget")
         budgets[kind] = value
+    if budgets.get("bytes") is not None and not calib:
+        raise ConfigError(f"--budget bytes={budgets['bytes']} weighs each layer's choices on calibration outputs; "
+                          "pass --calib FILE")
     config = CompressConfig(
         method=method_config(method, solver=solver, **extra), **budgets,
         allocate=allocate, scope=scope, targets=targets, exclude=exclude, seed=seed,

@@ -93,4 +93,27 @@ def checkpoint_grids(source: str, model: nn.Module) -> dict[str, Any] | None:
         return None  # loading the checkpoint already refused a damaged manifest
     if entries is None:
         return None
-    return export_table(read_grids(source, model, entries))
+    grids = read_grids(source, model, entries)
+    check_against_plan(source, grids, manifest_plan(manifest))
+    return export_table(grids)
+
+
+def manifest_plan(manifest: Path) -> dict[str, Any]:
+    import json
+    plan = json.loads(manifest.read_text()).get("plan") or {}
+    return plan.get("bytes") if isinstance(plan, dict) else None
+
+
+def check_against_plan(source: str, grids: dict[str, Grid], plan: Any) -> None:
+    """The grids must be exactly those the byte plan's choices imply, with their bit widths."""
+    from .plan import expected_grids
+    rows = plan.get("layers") if isinstance(plan, dict) else None
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and {"name", "kind", "choice"} <= set(r) for r in rows):
+        raise CheckpointError(f"the manifest of {str(source)!r} holds grids but no byte plan to check them against; "
+                              "the manifest is damaged or edited: re-run lrcompress compress")
+    want = expected_grids(rows, {r["name"]: r.get("layer", "linear") for r in rows})
+    have = {n: g.bits for n, g in grids.items()}
+    if want != have:
+        diff = sorted(set(want.items()) ^ set(have.items()))
+        raise CheckpointError(f"the grids of {str(source)!r} do not match its byte plan (first difference: "
+                              f"{diff[0][0]!r}); the manifest or quant.safetensors was edited: re-run lrcompress compress")
