@@ -82,7 +82,7 @@ class CompressConfig:
     closed_ridge: float = 1e-4
     blocks: str | None = field(default=None, metadata={"example": "'model.layers'"})
     bytes: float | None = field(default=None, metadata={"example": "0.15"})
-    block_size: int = 32
+    block_size: int = 128
     symmetric: bool = True
     quant_algorithm: str = "gptq"
 

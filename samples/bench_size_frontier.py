@@ -178,7 +178,7 @@ class Bench:
             from lrcompress.quant.store import export_table
             algo = "rtn" if key.endswith("-rtn") else "gptq"
             frac = float(key[len("bytes"):].removesuffix("-rtn"))
-            cfg = lrcompress.CompressConfig(bytes=frac, quant_algorithm=algo)
+            cfg = lrcompress.CompressConfig(bytes=frac, quant_algorithm=algo, block_size=self.args.block_size)
             student, report = self.compress(cfg, self.data)
             table = export_table(report.quant.grids)
             plain = self.export(student, key)
@@ -229,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", default=None, help=f"comma-separated row keys (fp32 always runs): {', '.join(ROWS)}")
     ap.add_argument("--sentences", type=int, default=0, help="evaluate on the first N sentences of each set (0 = all)")
     ap.add_argument("--runs", type=int, default=30)
+    ap.add_argument("--block-size", type=int, default=128, help="int4 block of the byte-budget rows (--block-size)")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--json", default=None)
     ap.add_argument("--keep", default=None, help="keep the ONNX files in this folder")

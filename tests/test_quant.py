@@ -206,7 +206,8 @@ def test_lqer_on_a_mixing_gram_is_within_a_percent_of_optimal() -> None:
 @pytest.fixture(scope="module")
 def bert(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A tiny BERT folder (hidden 128, 2 layers: blocks of 32 divide every layer), token-id data, and
-    its --budget bytes checkpoints: GPTQ at F = 0.24, 0.3, 0.6 and RTN at 0.6."""
+    its --budget bytes checkpoints: GPTQ at F = 0.24, 0.3, 0.6 and RTN at 0.6, int4 blocks of 32 (the default 128
+    would make this small model's plans use no correction)."""
     root = tmp_path_factory.mktemp("bytes-bert")
     cfg = transformers.BertConfig(vocab_size=1024, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
                                   intermediate_size=256, max_position_embeddings=64)
@@ -222,7 +223,7 @@ def bert(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     for alg, f in (("gptq", 0.24), ("gptq", 0.3), ("gptq", 0.6), ("rtn", 0.6)):
         ck = root / f"{alg}-{f}"
         code, _, err = _cli(["compress", root / "bert", "--calib", root / "ids.npz", "--budget", f"bytes={f}",
-                             "--quantize-algorithm", alg, "-o", ck, "-q"])
+                             "--quantize-algorithm", alg, "--block-size", "32", "-o", ck, "-q"])
         assert code == 0, err
         out[f"{alg}-{f}"] = ck
     return out
@@ -376,3 +377,23 @@ def test_unmeetable_budget_names_a_minimum_that_works(bert, tmp_path: Path, caps
                              "--quantize-algorithm", "rtn", "-o", tmp_path / "yes", "-q"], capsys)
     assert code == 0, err
     assert _plan(tmp_path / "yes")["planned_bytes"] <= _plan(tmp_path / "yes")["budget_bytes"]
+
+
+def test_sweep_takes_byte_budgets_and_int4(bert, tmp_path: Path, capsys) -> None:
+    """``sweep --bytes F --quantize none,int4``: a byte-budget point within its budget, on the Pareto front against
+    plain int4 of the original (smaller or better); a low-rank point whose ranks no int4 block divides is skipped
+    with the reason, not fatal."""
+    out = tmp_path / "sweep.json"
+    data = dict(np.load(bert["ids"]))
+    data["token_type_ids"] = np.zeros_like(data["input_ids"])  # the ONNX export takes every input BERT's forward has
+    ids = tmp_path / "ids3.npz"
+    np.savez(ids, **data)
+    code, _, err = run_main(["sweep", bert["bert"], "--calib", ids, "--data", ids, "--ratios", "0.9",
+                             "--quantize", "none,int4", "--bytes", "0.3", "--runs", "2", "--json", out, "-q"], capsys)
+    assert code == 0, err
+    points = {p["label"]: p for p in json.loads(out.read_text())}
+    params = sum(p.numel() for p in transformers.BertModel.from_pretrained(bert["bert"]).parameters())
+    b = points["bytes 0.3 (int4/int8/fix)"]
+    assert b["quantize"] == "int4" and b["bytes"] <= 0.3 * 4 * params
+    assert "original + int4" in points and points["original + int4"]["bytes"] < points["original"]["bytes"] / 4
+    assert b["pareto"] or points["original + int4"]["bytes"] < b["bytes"]

@@ -53,8 +53,9 @@ from .recovery import (
                    "tokens); layers not faster factorized stay dense. bytes=F: ship F x the float32 bytes, choosing "
                    "per layer among dense, int8, int4, int4 + low-rank correction and quantized low rank. "
                    "ratio=F / energy=F / rank=N also accepted.")
-@click.option("--block-size", type=int, default=32, show_default=True,
-              help="--budget bytes: weights per int4 scale (a power of two >= 16 dividing the layers' inputs).")
+@click.option("--block-size", type=int, default=128, show_default=True,
+              help="--budget bytes: weights per int4 scale, a power of two >= 16 (a layer whose inputs it does not "
+                   "divide takes the largest smaller one that does).")
 @click.option("--quantize-algorithm", type=str, default="gptq", show_default=True,
               help="--budget bytes: gptq (data-aware, uses --calib) | rtn (round to nearest) for int4/int8 weights.")
 @click.option("--asymmetric", is_flag=True, help="--budget bytes: int4/int8 with a zero point per block.")

@@ -91,7 +91,7 @@ def export_all(model: nn.Module, inputs: dict[str, torch.Tensor], out: str | Pat
         options.update(block_size=block_size, accuracy_level=accuracy_level, algorithm=algorithm, symmetric=symmetric)
         if table is not None:
             options["table"] = table
-    if quantize in ("int8", "int4") and "coreml" in targets:
+    if quantize in ("int8", "int4") and "coreml" in targets and table is None:  # a plan's codes stay ONNX-only
         options["quantize"] = quantize
     with atomic_folder(out, overwrite) as tmp:
         done = exporters.export_targets(model.eval(), inputs, tmp, steps, options)

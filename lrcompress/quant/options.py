@@ -111,7 +111,8 @@ def linear_choices(w: torch.Tensor, metric: Metric, block: int, symmetric: bool,
     if b8:
         g8 = grid_of(w, 8, b8, symmetric, metric.gram, algorithm)
         out.append(Choice("int8", "int8", 0, [Part("weight", g8.dequantize(), g8)], rel(w - g8.dequantize())))
-    if n % block:
+    block = fit_block(n, block)
+    if not block:
         return out
     g4 = grid_of(w, 4, block, symmetric, metric.gram, algorithm)
     q4 = g4.dequantize()
@@ -152,7 +153,8 @@ def embedding_choices(table: torch.Tensor, freq: torch.Tensor, block: int, symme
     total = metric.sqnorm(wt.to(torch.float64))
     rel = (lambda dd: metric.sqnorm(dd.T.to(torch.float64)) / total) if total > 0 else (lambda dd: 0.0)
     out = [Choice("fp32", "dense", 0, [Part("table", w)], 0.0)]
-    if d % block:
+    block = fit_block(d, block)
+    if not block:
         return out
     g4 = quantize(w, 4, block, symmetric)
     out.append(Choice("int4", "int4", 0, [Part("table", g4.dequantize(), g4)], rel(w - g4.dequantize())))

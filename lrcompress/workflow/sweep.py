@@ -115,7 +115,11 @@ def run_sweep(loaded: Any, calib: Any, held: Any, ratios: list[float], methods: 
             if quant != "none":  # a transform of the ONNX file (int8, int4; a byte budget's own codes)
                 transform = exporters.get_exporter(quant)
                 opts = {} if table is None else {"table": table}
-                path = transform.derive(path, path.with_name(transform.file_name(path.stem)), **opts).path
+                try:
+                    path = transform.derive(path, path.with_name(transform.file_name(path.stem)), **opts).path
+                except exporters.BadInput as e:  # e.g. int4 blocks that divide no rank of a low-rank point
+                    say(f"{label:28} skipped: {e}")
+                    return
             rep = validate(str(path), model, "original", held, threads=threads, batch_size=1, max_length=max_length,
                            runs=runs, reference_cache=reference)
             out = next(iter(rep.outputs.values()))
