@@ -55,6 +55,9 @@ CASES: dict[str, Case] = {
     "recipe-contradictory-budgets": lambda e: (run(e, ratio__0_DOT_5="ratio = 0.5\nlatency = 0.6"),
                                                ["contradictory budgets", "ratio", "latency"]),
     "recipe-no-budget": lambda e: (run(e, ratio__0_DOT_5=""), ["exactly one of"]),
+    "recipe-bytes-with-rules": lambda e: (run(e, **{"ratio = 0.5": "bytes = 0.5",
+                                                    "[export]": "[[compress.rules]]\nmatch = 'fc1'\ndense = true\n[export]"}),
+                                          ["bytes budget", "rules", "drop the rules"]),
     "recipe-rule-two-budgets": lambda e: (run(e, **{"[export]": "[[compress.rules]]\nmatch = 'fc1'\nrank = 2\n"
                                                                  "ratio = 0.5\n[export]"}),
                                           ["rule", "fc1", "exactly one of rank, ratio, energy"]),
@@ -120,7 +123,7 @@ CASES: dict[str, Case] = {
     "budget-latency-above-one": lambda e: (["compress", MLP, "-o", e.out, "--calib", e.mlp_calib(), "--budget",
                                             "latency=1.5"], ["latency=1.5", "(0, 1]"]),
     "budget-latency-negative": lambda e: (["compress", MLP, "-o", e.out, "--budget", "latency=-0.2"], ["latency=-0.2"]),
-    "budget-kind": lambda e: (["compress", MLP, "-o", e.out, "--budget", "speed=2"], ["speed=2", "latency, ratio"]),
+    "budget-kind": lambda e: (["compress", MLP, "-o", e.out, "--budget", "speed=2"], ["speed=2", "latency, bytes, ratio"]),
     "budget-and-ratio": lambda e: (["compress", MLP, "-o", e.out, "--budget", "latency=0.5", "--ratio", "0.5"],
                                    ["contradicts --ratio"]),
     "budget-latency-tucker": lambda e: (["compress", MLP, "-o", e.out, "--method", "tucker", "--budget", "latency=0.5"],

@@ -77,13 +77,12 @@ def run(recipe_file: str, output: str, save_recipe: str | None, overwrite: bool,
 @click.option("-q", "--quiet", is_flag=True)
 def sweep(source: str, weights: str | None, trust_pickle: bool, trust_code: bool, calib: str | None, max_length: int,
           calib_samples: int | None, batch_size: int, targets: tuple, exclude: tuple, ratios: str, methods: str,
-          quantize: str, bytes_list: str | None, data_path: str, samples: int | None, threads: int, runs: int, plot: str | None,
-          json_file: str | None, keep: str | None, overwrite: bool, quiet: bool) -> None:
+          quantize: str, bytes_list: str | None, data_path: str, samples: int | None, threads: int, runs: int,
+          plot: str | None, json_file: str | None, keep: str | None, overwrite: bool, quiet: bool) -> None:
     """Compress SOURCE at each ratio x method, export to ONNX (x quantization), validate on
     ONNX Runtime; print params, bytes, latency, drift and the Pareto-optimal points."""
-    from ..workflow.sweep import check_sweep, run_sweep, sweep_table
+    from ..workflow.sweep import check_bytes, check_sweep, run_sweep, sweep_table
 
-    from ..workflow.sweep import check_bytes
     ratio_list, method_list, quant_list = check_sweep(ratios, methods, quantize)
     fractions = check_bytes(bytes_list)
     if fractions and not calib:
@@ -112,8 +111,8 @@ def sweep(source: str, weights: str | None, trust_pickle: bool, trust_code: bool
         if not quiet:
             click.echo(msg, err=True)
 
-    points = run_sweep(loaded, cal, held, ratio_list, method_list, quant_list, fractions=fractions, targets=targets, exclude=exclude,
-                       batch_size=batch_size, max_length=max_length, threads=threads, runs=runs, keep=keep,
+    points = run_sweep(loaded, cal, held, ratio_list, method_list, quant_list, fractions=fractions, targets=targets,
+                       exclude=exclude, batch_size=batch_size, max_length=max_length, threads=threads, runs=runs, keep=keep,
                        progress=say)
     from ..paths import atomic_file, write_text
     if json_file is not None:

@@ -64,7 +64,8 @@ def export_all(model: nn.Module, inputs: dict[str, torch.Tensor], out: str | Pat
     row per artifact (target, path, bytes, seconds, the exporter's details) in the registry's chain order.
     int4 (ONNX): ``block_size``, ``accuracy_level``, ``algorithm``, ``symmetric``; ``table``: the codes of a
     ``--budget bytes`` checkpoint, written as they are (the plan's int4/int8 choices, nothing else); Core ML
-    quantizes with coremltools (int8 per channel, int4 per block). A Hugging Face causal LM is exported as ``input_ids`` (+ ``attention_mask``) -> ``logits`` (no KV cache)."""
+    quantizes with coremltools (int8 per channel, int4 per block). A Hugging Face causal LM is exported as
+    ``input_ids`` (+ ``attention_mask``) -> ``logits`` (no KV cache)."""
 
     valid = target_names()
     bad = [t for t in targets if t not in valid]

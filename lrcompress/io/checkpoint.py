@@ -55,9 +55,9 @@ def save(model: nn.Module, out: str | Path, source: dict[str, Any], *, plan: dic
          overwrite: bool = False, grids: dict[str, Any] | None = None) -> Path:
     """Write ``out`` atomically: a temporary sibling is filled, then renamed into place. ``grids``: the
     integer grids of quantized parameters (``--budget bytes``), written to ``quant.safetensors``."""
-    from ..quant.store import GRIDS, grid_entries, write_grids
-
     from safetensors.torch import save_model
+
+    from ..quant.store import GRIDS, grid_entries, write_grids
 
     with atomic_folder(out, overwrite) as tmp:
         kind = source.get("arch", source).get("kind")

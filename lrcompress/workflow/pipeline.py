@@ -203,6 +203,10 @@ def compress_groups(model: nn.Module, job: Job, data: CalibrationLike, *, batch_
     if not job.groups:
         raise ConfigError("every rule of the recipe keeps its layers dense and no layer is left for [compress]; "
                           "give a rule a budget or drop the dense rules")
+    if any(cfg.bytes is not None for cfg in job.groups):
+        raise ConfigError("a bytes budget plans the whole model at once and cannot share it with recipe rules that "
+                          "give layers their own budget or keep them dense; drop the rules (use exclude) or the "
+                          "bytes budget")
     calib = None
     if data is not None:  # one calibration for every group (with the latency inputs if a group needs them)
         union = tuple(n for cfg in job.groups for n in cfg.targets)

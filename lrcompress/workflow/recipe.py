@@ -277,6 +277,10 @@ def parse_recipe(doc: dict[str, Any], base: str = ".") -> Recipe:
         if not isinstance(rules, list):
             raise ConfigError("recipe [compress].rules must be an array of tables; write [[compress.rules]]")
         rules = tuple(_rule(i, t) for i, t in enumerate(rules))
+        if rules and "bytes" in d:
+            raise ConfigError("recipe [compress] has a bytes budget and [[compress.rules]]: a bytes budget plans the "
+                              "whole model at once and cannot share it with rules; drop the rules (use exclude) or "
+                              "the bytes budget")
         opts = {k: (tuple(tuple(x) for x in v) if k == "tt_shape" else v) for k, v in c.items() if k in opt_names}
         method = d.pop("method", registry.DEFAULT)
         device = d.pop("device", "cpu")

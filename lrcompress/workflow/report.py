@@ -62,6 +62,7 @@ class CompressionReport:
             "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
             "layers": [l.to_dict() for l in self.layers],
             **({"recovery": self.recovery} if self.recovery is not None else {}),
+            **({"bytes": self.quant.to_dict()} if self.quant is not None else {}),
         }
 
     def to_json(self) -> str:
