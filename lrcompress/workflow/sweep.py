@@ -26,40 +26,35 @@ def quantizations() -> tuple[str, ...]:
 
 def check_sweep(ratios: str, methods: str, quantize: str) -> tuple[list[float], list[str], list[str]]:
     """Parse and check the comma lists of a sweep."""
-    items = [r.strip() for r in (ratios or "").split(",") if r.strip()]
-    if not items:
-        raise ConfigError(f"--ratios {ratios!r} is empty; give fractions of params to keep, e.g. --ratios 0.9,0.75,0.5")
-    out: list[float] = []
-    for r in items:
-        try:
-            v = float(r)
-        except ValueError:
-            raise ConfigError(f"--ratios entry {r!r} is not a number; e.g. --ratios 0.9,0.75,0.5") from None
-        if not 0.0 < v < 1.0:
-            raise ConfigError(f"--ratios entry {r} is outside (0, 1); it is the fraction of params kept (the original "
-                              "is always measured), e.g. 0.5")
-        out.append(v)
+    out = _fractions("--ratios", ratios, "fractions of params to keep", "0.9,0.75,0.5",
+                     "the fraction of params kept (the original is always measured), e.g. 0.5")
     ms = _choices("--methods", methods, registry.names(), "svd-whiten,svd")
     qs = _choices("--quantize", quantize, quantizations(), "none,int8")
-    return sorted(set(out), reverse=True), ms, qs
+    return out, ms, qs
 
 
 def check_bytes(text: str | None) -> list[float]:
     """The sweep's ``--bytes`` fractions of the float32 bytes (none when not given)."""
     if text is None:
         return []
-    out = []
-    for item in (t.strip() for t in text.split(",") if t.strip()):
+    return _fractions("--bytes", text, "fractions of the float32 bytes", "0.12,0.15",
+                      "the fraction of the float32 bytes to ship, e.g. 0.15")
+
+
+def _fractions(flag: str, text: str, what: str, example: str, meaning: str) -> list[float]:
+    """A non-empty comma list of numbers in (0, 1), duplicates dropped, largest first."""
+    items = [r.strip() for r in (text or "").split(",") if r.strip()]
+    if not items:
+        raise ConfigError(f"{flag} {text!r} is empty; give {what}, e.g. {flag} {example}")
+    out: list[float] = []
+    for r in items:
         try:
-            v = float(item)
+            v = float(r)
         except ValueError:
-            raise ConfigError(f"--bytes entry {item!r} is not a number; e.g. --bytes 0.12,0.15") from None
+            raise ConfigError(f"{flag} entry {r!r} is not a number; e.g. {flag} {example}") from None
         if not 0.0 < v < 1.0:
-            raise ConfigError(f"--bytes entry {item} is outside (0, 1); it is the fraction of the float32 bytes to "
-                              "ship, e.g. 0.15")
+            raise ConfigError(f"{flag} entry {r} is outside (0, 1); it is {meaning}")
         out.append(v)
-    if not out:
-        raise ConfigError(f"--bytes {text!r} is empty; give fractions of the float32 bytes, e.g. --bytes 0.12,0.15")
     return sorted(set(out), reverse=True)
 
 
