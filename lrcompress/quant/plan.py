@@ -85,9 +85,10 @@ class BytePlan:
     def table(self) -> str:
         head = f"{'layer':44} {'shape':>11} {'choice':>11} {'bytes':>9} {'of fp32':>7} {'error':>9} {'int4 err':>9} {'optimal':>9}"
         lines = [head, "-" * len(head)]
+        def fmt(v: Any) -> str:
+            return f"{'-':>9}" if v is None else f"{v:9.2e}"
+
         for r in self.rows:
-            def fmt(v: Any) -> str:
-                return "-" if v is None else f"{v:9.2e}"
             lines.append(f"{r['name'][-44:]:44} {'x'.join(map(str, r['shape'])):>11} {r['choice']:>11} {r['bytes']:9,} "
                          f"{r['fraction']:7.1%} {fmt(r['error'])} {fmt(r['before'])} {fmt(r['optimal'])}")
         for name, why in self.kept.items():
