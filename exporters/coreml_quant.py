@@ -132,11 +132,12 @@ def _left_float_why(plan: QuantPlan) -> str:
     return why
 
 
-def _walk(block: Any, visit: Any) -> None:
+def walk_ops(block: Any, visit: Any) -> None:
+    """Call ``visit`` on every op of a MIL block, nested blocks included."""
     for op in block.operations:
         visit(op)
         for inner in op.blocks:
-            _walk(inner, visit)
+            walk_ops(inner, visit)
 
 
 def compression_summary(spec: Any) -> dict[str, Any]:
@@ -170,7 +171,7 @@ def compression_summary(spec: Any) -> dict[str, Any]:
         for function in spec.mlProgram.functions.values():
             block = function.block_specializations.get(function.opset)
             if block is not None:
-                _walk(block, visit)
+                walk_ops(block, visit)
     return {"compressed_ops": dict(ops), **counts}
 
 

@@ -10,12 +10,11 @@ from typing import Any
 
 from ._files import check_target, publish, require_file, staging_dir
 from ._logs import capture_logs
-from .base import Exporter, ExportResult, Runner
+from .base import ExportResult
 from .deps import require
 from .errors import BadInput, onnx_failure
 from .nbits import Codes, check_block, rewrite, rtn_picker, table_picker
-from .onnx_export import inspect_onnx
-from .ort_runtime import OrtRunner
+from .onnx_transform import OnnxTransform
 from .quantize import EXTRA, _size, gemm_to_matmul
 
 ALGORITHMS = ("rtn", "hqq")
@@ -44,16 +43,13 @@ def _hqq(model: Any, block_size: int, symmetric: bool, embeddings: bool, accurac
     if accuracy_level:
         for node in out.graph.node:
             if node.op_type == "MatMulNBits" and not any(a.name == "accuracy_level" for a in node.attribute):
-                node.attribute.append(onnx_helper().make_attribute("accuracy_level", accuracy_level))
+                node.attribute.append(require("onnx", EXTRA).helper.make_attribute("accuracy_level", accuracy_level))
     rtn = rtn_picker(4, block_size, symmetric, embeddings)
     tables = rewrite(out, lambda kind, name, view: rtn(kind, name, view) if kind == "gather" else None)
     counts = {"MatMulNBits": sum(n.op_type == "MatMulNBits" for n in out.graph.node),
               "GatherBlockQuantized": tables["quantized_ops"]["GatherBlockQuantized"]}
     return {"model": out, "quantized_ops": counts}
 
-
-def onnx_helper() -> Any:
-    return require("onnx", EXTRA).helper
 
 
 def quantize_int4(
@@ -114,41 +110,12 @@ def quantize_int4(
         "gemm_rewritten": gemms, "log": log_lines, **info})
 
 
-class Int4Exporter(Exporter):
+class Int4Exporter(OnnxTransform):
     """4-bit block-quantized weights of an ONNX model (``model.int4.onnx``), run with onnxruntime."""
 
     name = "int4"
-    suffix = ".onnx"
-    extra = EXTRA
-    runtime = "onnxruntime"
-    derives_from = "onnx"
-    transform = True
-    requires = ("onnx", "onnxscript", "onnxruntime")
-    options = ("opset", "dynamic", "external_data", "legacy_fallback", "optimize")
     derive_options = ("block_size", "symmetric", "accuracy_level", "algorithm", "embeddings", "table", "external_data")
 
-    def file_name(self, stem: str = "model") -> str:
-        """``<stem>.int4.onnx``."""
-        return f"{stem}.int4{self.suffix}"
-
-    def export_with_info(self, model: Any, example_inputs: Any, path: str | os.PathLike[str], **options: Any) -> ExportResult:
-        """ONNX export next to ``path``, then the int4 rewrite into ``path``."""
-        from .onnx_export import export_onnx
-        self.check_options(options)
-        self.ensure_available()
-        target = Path(path)
-        with staging_dir(check_target(target, self.suffix)) as tmp:
-            plain = export_onnx(model, example_inputs, tmp / "plain.onnx", **options)
-            return quantize_int4(plain.path, target)
-
-    def derive(self, source: str | os.PathLike[str], path: str | os.PathLike[str], **options: Any) -> ExportResult:
+    def rewrite(self, source: str | os.PathLike[str], path: str | os.PathLike[str], **options: Any) -> ExportResult:
         """Quantize the .onnx file ``source`` into ``path`` (see :func:`quantize_int4`)."""
-        self.check_options(options, self.derive_options)
-        self.ensure_available()
         return quantize_int4(source, path, **options)
-
-    def load(self, path: str | os.PathLike[str], threads: int | None = None, **options: Any) -> Runner:
-        return OrtRunner(path, threads=threads, **options)
-
-    def inspect(self, path: str | os.PathLike[str]) -> dict[str, Any]:
-        return inspect_onnx(path)

@@ -6,29 +6,18 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from .base import Exporter, ExportResult, Runner
-from .onnx_export import export_onnx, inspect_onnx
-from .ort_runtime import OrtRunner
-from .quantize import EXTRA, quantize_int8
+from .base import ExportResult
+from .onnx_export import export_onnx
+from .onnx_transform import OnnxTransform
+from .quantize import quantize_int8
 
 
-class Int8Exporter(Exporter):
+class Int8Exporter(OnnxTransform):
     """int8 weights of an ONNX model (``model.int8.onnx``): a transform of the ONNX step's file in a chain, or an
     ONNX export with ``int8=True`` from a torch module; runs with onnxruntime."""
 
     name = "int8"
-    suffix = ".onnx"
-    extra = EXTRA
-    runtime = "onnxruntime"
-    derives_from = "onnx"
-    transform = True
-    requires = ("onnx", "onnxscript", "onnxruntime")
-    options = ("opset", "dynamic", "external_data", "legacy_fallback", "optimize")
     derive_options = ("op_types", "per_channel", "external_data")
-
-    def file_name(self, stem: str = "model") -> str:
-        """``<stem>.int8.onnx``."""
-        return f"{stem}.int8{self.suffix}"
 
     def export_with_info(self, model: Any, example_inputs: Any, path: str | os.PathLike[str], **options: Any) -> ExportResult:
         """ONNX export, then int8 quantisation (``info["quantization"]`` holds the quantiser's details)."""
@@ -36,14 +25,6 @@ class Int8Exporter(Exporter):
         self.ensure_available()
         return export_onnx(model, example_inputs, path, int8=True, **options)
 
-    def derive(self, source: str | os.PathLike[str], path: str | os.PathLike[str], **options: Any) -> ExportResult:
+    def rewrite(self, source: str | os.PathLike[str], path: str | os.PathLike[str], **options: Any) -> ExportResult:
         """Quantise the .onnx file ``source`` into ``path`` (see :func:`quantize_int8`)."""
-        self.check_options(options, self.derive_options)
-        self.ensure_available()
         return quantize_int8(source, path, **options)
-
-    def load(self, path: str | os.PathLike[str], threads: int | None = None, **options: Any) -> Runner:
-        return OrtRunner(path, threads=threads, **options)
-
-    def inspect(self, path: str | os.PathLike[str]) -> dict[str, Any]:
-        return inspect_onnx(path)

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from .errors import BadInput
+from .quantize import replace_nodes
 
 MS_DOMAIN = "com.microsoft"
 BITS = (4, 8)
@@ -146,10 +147,6 @@ def rewrite(model: Any, pick: Picker, *, accuracy_level: int = 4) -> dict[str, A
 
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
-    uses: dict[str, int] = {}
-    for node in graph.node:
-        for i in node.input:
-            uses[i] = uses.get(i, 0) + 1
     nodes, added, done = [], [], {"MatMulNBits": 0, "GatherBlockQuantized": 0}
     by_bits: dict[str, int] = {}
     for node in graph.node:
@@ -176,15 +173,9 @@ def rewrite(model: Any, pick: Picker, *, accuracy_level: int = 4) -> dict[str, A
         key = f"int{c.bits}"
         by_bits[key] = by_bits.get(key, 0) + sum(len(e.raw_data) for e in extra[:1])
         by_bits["scales"] = by_bits.get("scales", 0) + sum(len(e.raw_data) for e in extra[1:])
-        uses[wname] -= 1
     if not added:
         return {"quantized_ops": done, "bytes": by_bits}
-    unused = {n for n, k in uses.items() if k == 0}
-    kept = [t for t in graph.initializer if t.name not in unused]
-    del graph.initializer[:]
-    graph.initializer.extend(kept + added)
-    del graph.node[:]
-    graph.node.extend(nodes)
+    replace_nodes(graph, nodes, added)
     if not any(o.domain == MS_DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     return {"quantized_ops": done, "bytes": by_bits}

@@ -26,6 +26,29 @@ def _size(path: Path) -> int:
     return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
 
 
+def _read_names(nodes: Any) -> set[str]:
+    """Every value name the nodes read, subgraphs (If / Loop bodies) included."""
+    out: set[str] = set()
+    for node in nodes:
+        out.update(node.input)
+        for a in node.attribute:
+            for g in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                out |= _read_names(g.node)
+    return out
+
+
+def replace_nodes(graph: Any, nodes: list[Any], added: list[Any] = ()) -> None:
+    """Give ``graph`` the node list ``nodes`` and the new initializers ``added``; initializers that only the
+    replaced nodes read are dropped."""
+    before, after = _read_names(graph.node), _read_names(nodes)
+    gone = before - after
+    kept = [t for t in graph.initializer if t.name not in gone]
+    del graph.initializer[:]
+    graph.initializer.extend(kept + list(added))
+    del graph.node[:]
+    graph.node.extend(nodes)
+
+
 def gemm_to_matmul(model: Any) -> int:
     """Rewrite ``Gemm(A, W, C)`` with a constant ``W`` as ``MatMul`` (+ ``Add``) in place; return the count.
 
@@ -36,11 +59,8 @@ def gemm_to_matmul(model: Any) -> int:
 
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
-    uses: dict[str, int] = {}
-    for node in graph.node:
-        for name in node.input:
-            uses[name] = uses.get(name, 0) + 1
     new_nodes = []
+    added = []
     rewritten = 0
     for node in graph.node:
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
@@ -59,9 +79,8 @@ def gemm_to_matmul(model: Any) -> int:
             new_name = f"{weight}__transposed"
             if new_name not in inits:
                 tensor = numpy_helper.from_array(w, new_name)
-                graph.initializer.append(tensor)
+                added.append(tensor)
                 inits[new_name] = tensor
-            uses[weight] -= 1
             weight = new_name
         out = node.output[0]
         has_bias = len(node.input) > 2 and bool(node.input[2])
@@ -72,12 +91,7 @@ def gemm_to_matmul(model: Any) -> int:
             new_nodes.append(helper.make_node("Add", [mm_out, node.input[2]], [out], name=f"{base}_Add"))
         rewritten += 1
     if rewritten:
-        unused = {name for name, n in uses.items() if n == 0}
-        kept = [t for t in graph.initializer if t.name not in unused]
-        del graph.initializer[:]
-        graph.initializer.extend(kept)
-        del graph.node[:]
-        graph.node.extend(new_nodes)
+        replace_nodes(graph, new_nodes, added)
     return rewritten
 
 

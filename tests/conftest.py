@@ -338,3 +338,13 @@ def check_hostile(world: World, argv: list, code: int, fragments: list[str], cap
     if not marker_ok:
         assert not world.marker.exists(), f"code ran that must not: {world.marker.read_text()}"
     return err
+
+
+def save_tiny_bert(folder: Path) -> None:
+    """A tiny Hugging Face BERT (vocab 1024, hidden 128, 2 layers, no tokenizer; every dimension a multiple of 32)
+    saved to ``folder``, seeded: big enough for --budget bytes plans, small enough to compress in seconds."""
+    import transformers
+    cfg = transformers.BertConfig(vocab_size=1024, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=256, max_position_embeddings=64)
+    torch.manual_seed(0)
+    transformers.BertModel(cfg).eval().save_pretrained(folder)

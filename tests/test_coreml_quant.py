@@ -12,6 +12,8 @@ import pytest
 import torch
 from torch import nn
 
+from lrcompress.scoped import torch_threads
+
 pytest.importorskip("coremltools", reason="coremltools not installed (pip install 'lrcompress[coreml]')")
 
 from exporters import (
@@ -41,10 +43,8 @@ FORMATS = {
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(1):
+        yield
 
 
 def _mlp() -> tuple[nn.Module, torch.Tensor]:

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from tests.conftest import MLP, World, check_hostile, cli_run, file_hashes
+from tests.conftest import MLP, World, check_hostile, cli_run, file_hashes, save_tiny_bert
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("onnxruntime")
@@ -34,10 +34,7 @@ def bert(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A tiny BERT folder (no tokenizer), token ids, one example, and its --budget bytes=0.3 checkpoint
     (RTN: the fastest plan; the tiny models of tests.models are below the plan's fixed graph overhead)."""
     root = tmp_path_factory.mktemp("hostile-quant")
-    cfg = transformers.BertConfig(vocab_size=1024, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                  intermediate_size=256, max_position_embeddings=64)
-    torch.manual_seed(0)
-    transformers.BertModel(cfg).eval().save_pretrained(root / "bert")
+    save_tiny_bert(root / "bert")
     rng = np.random.default_rng(0)
     ids = np.minimum(rng.zipf(1.2, size=(24, 16)), 1023).astype(np.int64)
     np.savez(root / "ids.npz", input_ids=ids, attention_mask=np.ones_like(ids))

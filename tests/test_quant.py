@@ -20,7 +20,7 @@ import pytest
 import torch
 from torch import nn
 
-from tests.conftest import run_main
+from tests.conftest import run_main, save_tiny_bert
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -209,10 +209,7 @@ def bert(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     its --budget bytes checkpoints: GPTQ at F = 0.24, 0.3, 0.6 and RTN at 0.6, int4 blocks of 32 (the default 128
     would make this small model's plans use no correction)."""
     root = tmp_path_factory.mktemp("bytes-bert")
-    cfg = transformers.BertConfig(vocab_size=1024, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                  intermediate_size=256, max_position_embeddings=64)
-    torch.manual_seed(0)
-    transformers.BertModel(cfg).eval().save_pretrained(root / "bert")
+    save_tiny_bert(root / "bert")
     rng = np.random.default_rng(0)
     ids = np.minimum(rng.zipf(1.2, size=(32, 16)), 1023).astype(np.int64)
     mask = np.ones_like(ids)

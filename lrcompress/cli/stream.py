@@ -24,7 +24,7 @@ def stream_folder(source: str) -> Path:
 def run_stream(source: str, output: str | None, config: Any, *, calib: str | None, weights: str | None, rc: Any,
                dry_run: bool, max_memory: str | None, max_length: int, calib_samples: int | None, batch_size: int,
                device: str, overwrite: bool, as_json: bool, quiet: bool) -> None:
-    from ..io.architecture import quiet_hf
+    from ..io.sources import folder_tokenizer
     from ..io.data import open_data
     from ..streaming.memory import parse_size
     from ..workflow.blocks import stream_compress
@@ -42,13 +42,7 @@ def run_stream(source: str, output: str | None, config: Any, *, calib: str | Non
     folder = stream_folder(source)
     lazy = LazyCheckpoint(folder)
     max_length = fit_max_length(lazy.build(), max_length)
-    tokenizer = None
-    try:
-        from transformers import AutoTokenizer
-        with quiet_hf():
-            tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
-    except Exception:
-        tokenizer = None
+    tokenizer = folder_tokenizer(folder)
     data = open_data(calib, tokenizer, max_length, calib_samples)
     show = show_progress(quiet, as_json)
     bars: dict[str, Any] = {}

@@ -102,9 +102,19 @@ def apply_weights(model: nn.Module, state: dict[str, torch.Tensor], origin: str)
     model.load_state_dict(state, strict=True)
 
 
+def folder_tokenizer(folder: Path) -> Any | None:
+    """The tokenizer saved in a Hugging Face folder (offline, no remote code), or None when it has none."""
+    try:
+        from transformers import AutoTokenizer
+        with quiet_hf():
+            return AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
+    except Exception:  # noqa: BLE001 - a folder without a usable tokenizer is a model without one
+        return None
+
+
 def _hf_folder(folder: Path) -> Loaded:
     try:
-        from transformers import AutoConfig, AutoTokenizer
+        from transformers import AutoConfig
     except ImportError:
         raise SourceError("Hugging Face folders need transformers; pip install 'lrcompress[hf]'") from None
     weights = [folder / f for f in HF_WEIGHT_FILES if (folder / f).exists()]
@@ -122,12 +132,7 @@ def _hf_folder(folder: Path) -> Loaded:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise SourceError(f"cannot load the Hugging Face folder {str(folder)!r} ({msg[:200]}); check that "
                           "config.json and the weights belong together") from None
-    tokenizer = None
-    try:
-        with quiet_hf():
-            tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
-    except Exception:
-        tokenizer = None
+    tokenizer = folder_tokenizer(folder)
     side = {f: folder / f for f in HF_SIDE_FILES if (folder / f).is_file()}
     return Loaded(model, tokenizer, {"kind": "hf", "class": type(model).__name__, "path": str(folder)}, side)
 

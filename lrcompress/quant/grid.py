@@ -37,17 +37,14 @@ class Grid(NamedTuple):
 
 
 def check_block(block: int, cols: int, what: str, bits: int = 4) -> None:
-    """Block sizes are powers of two >= 16 (MatMulNBits) that divide the blocked dimension."""
-    if bits not in BITS:
-        raise ConfigError(f"bits={bits!r} is not one of {BITS}; use 4 or 8")
-    if not isinstance(block, int) or block < 16 or block & (block - 1):
-        raise ConfigError(f"--block-size {block!r} is not a power of two >= 16 (the runtime's MatMulNBits rule); "
-                          "use 16, 32, 64 or 128")
-    if cols % block:
-        raise ConfigError(f"--block-size {block} does not divide dimension {cols} of {what}; int{bits} blocks run "
-                          f"along that dimension: use a block size dividing {cols} (e.g. "
-                          f"{max((b for b in (16, 32, 64, 128) if cols % b == 0), default='none')}) or leave "
-                          "that layer out")
+    """The runtime's rules (:func:`exporters.nbits.check_block`: bits 4 or 8, a power-of-two block >= 16
+    that divides the blocked dimension), as a :class:`ConfigError`."""
+    from exporters import BadInput
+    from exporters.nbits import check_block as runtime_rule
+    try:
+        runtime_rule(block, cols, what, bits)
+    except BadInput as e:
+        raise ConfigError(str(e)) from None
 
 
 def _blocks(w: torch.Tensor, block: int) -> torch.Tensor:
@@ -74,13 +71,9 @@ def block_params(w: torch.Tensor, bits: int, block: int, symmetric: bool) -> tup
 
 def to_codes(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, block: int,
              symmetric: bool) -> torch.Tensor:
-    """Integer codes of ``w`` on the grid (scales, zeros): int16, same shape as ``w``.
-    ``w`` may be a slice of whole blocks' columns (GPTQ quantizes column by column: pass the
-    block's scale broadcast to the columns)."""
-    b = _blocks(w.detach().to(torch.float32), block) if w.shape[1] % block == 0 and scales.shape[1] == w.shape[1] // block \
-        else None
-    if b is None:
-        raise ValueError("to_codes needs whole blocks; use codes_with(...) for single columns")
+    """Integer codes of ``w`` (whole blocks) on the grid (scales, zeros): int16, same shape as ``w``
+    (:func:`codes_with` rounds single columns, as GPTQ does)."""
+    b = _blocks(w.detach().to(torch.float32), block)
     s, z = scales[..., None], zeros[..., None].to(torch.float32)
     return codes_with(b, s, z, bits, symmetric).reshape(w.shape)
 

@@ -84,24 +84,20 @@ def export_table(grids: dict[str, Grid]) -> dict[str, Any]:
 def checkpoint_grids(source: str, model: nn.Module) -> dict[str, Any] | None:
     """The exporters' codes table of a ``--budget bytes`` checkpoint folder (None for any other source)."""
     import json
-    manifest = Path(source) / "lrcompress.json"
-    if not manifest.is_file():
+    path = Path(source) / "lrcompress.json"
+    if not path.is_file():
         return None
     try:
-        entries = json.loads(manifest.read_text()).get("quantization")
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
         return None  # loading the checkpoint already refused a damaged manifest
+    entries = manifest.get("quantization") if isinstance(manifest, dict) else None
     if entries is None:
         return None
     grids = read_grids(source, model, entries)
-    check_against_plan(source, grids, manifest_plan(manifest))
+    plan = manifest.get("plan")
+    check_against_plan(source, grids, plan.get("bytes") if isinstance(plan, dict) else None)
     return export_table(grids)
-
-
-def manifest_plan(manifest: Path) -> dict[str, Any]:
-    import json
-    plan = json.loads(manifest.read_text()).get("plan") or {}
-    return plan.get("bytes") if isinstance(plan, dict) else None
 
 
 def check_against_plan(source: str, grids: dict[str, Grid], plan: Any) -> None:

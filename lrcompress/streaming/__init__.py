@@ -9,7 +9,7 @@ __getattr__, __all__ = lazy_face(__name__, {
     "ActivationStore": "store",
     "Engine": "engine",
     "LazyCheckpoint": "weights",
-    "StreamResult": "engine",
+    "StreamResult": "record",
     "find_blocks": "units",
     "parse_size": "memory",
 })

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import torch
@@ -28,33 +28,17 @@ from ..methods import registry
 from ..methods.apply import LayerResult, apply_plan, set_module
 from ..planning.allocation import allocate, budget_fraction
 from ..planning.make_plan import make_plan
-from ..planning.plan_types import LayerPlan, Plan, break_even_rank
+from ..planning.plan_types import LayerPlan, Plan
 from ..planning.targets import layer_matrix, select_targets, tied_weights
 from . import memory
 from .loop import closed_unit
 from .rules import check_streamable, closed_applies, lite_spectrum, override_ranks, subplan  # noqa: F401
+from .record import StreamResult, add_untouched, record_unit, restore_units
 from .store import ActivationStore
 from .units import (BlockCall, UnitBatch, block_names, find_blocks, hidden_of, inside, run_after_blocks, run_until_blocks,
                     view, without_cache)
 from .weights import LazyCheckpoint, release
 from .writer import ShardWriter
-
-
-@dataclass
-class StreamResult:
-    """What a block-sequential run did: per-layer results (as the in-memory path reports them),
-    the plan, closed-loop figures by layer, and per unit its seconds, peak memory and the
-    relative error of its output against the original model's."""
-
-    layers: list[LayerResult]
-    plan: Plan
-    loop: dict[str, dict[str, float]] = field(default_factory=dict)
-    units: list[dict[str, Any]] = field(default_factory=list)
-    seconds: dict[str, float] = field(default_factory=dict)
-    peak_rss: int = 0
-    examples: int = 0
-    tokens: int = 0
-    entries: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass
@@ -135,9 +119,10 @@ class Engine:
         block = self.blocks[0]
         per = 4
         block_bytes = sum(p.numel() for p in block.parameters()) * per
-        resident = sum(p.numel() * per for n, p in self.model.named_parameters() if not inside(n, self.prefix)
-                       and p.device.type != "meta") if self.lazy is not None else 0
-        if self.lazy is None:
+        if self.lazy is not None:  # only the weights outside the blocks stay resident
+            resident = sum(p.numel() * per for n, p in self.model.named_parameters() if not inside(n, self.prefix)
+                           and p.device.type != "meta")
+        else:
             resident = sum(p.numel() * p.element_size() for p in self.model.parameters())
         dims = [layer_matrix(self.model.get_submodule(n)).shape for n in self.names if inside(n, self.block_paths[0])]
         inputs = sorted({d[1] for d in dims}, reverse=True)
@@ -333,24 +318,10 @@ class Engine:
 
     def _write(self, unit: str, names: list[str], results: list[LayerResult], figures: dict, entry: dict,
                streams: Streams) -> None:
-        from ..io.checkpoint import factorized_layers
-        mods = [unit] if unit not in ("pre", "post") else names
-        v = view(self.model, mods)
-        entries = factorized_layers(v)
-        self.result.entries.update(entries)
-        if self.writer is None:
-            return
-        tensors = v.state_dict()
-        if self.out_dtype is not None:
-            tensors = {k: t.to(self.out_dtype) if t.is_floating_point() else t for k, t in tensors.items()}
-            for e in entries.values():
-                e["dtype"] = str(self.out_dtype).replace("torch.", "")
-        self.writer.save_boundary(streams.save())
-        self.writer.write_unit(unit, tensors, {"results": [r.to_dict() for r in results], "loop": figures,
-                                               "unit": entry, "entries": entries,
-                                               "plan": [lp.to_dict() for lp in self.result.plan.layers
-                                                        if lp.name in {r.name for r in results}]})
-        if self.stop_after is not None and len(self.writer.done) >= self.stop_after:
+        modules = [unit] if unit not in ("pre", "post") else names
+        record_unit(self.result, self.model, modules, results, figures, entry, self.writer,
+                    streams.save() if self.writer is not None else {}, self.out_dtype)
+        if self.writer is not None and self.stop_after is not None and len(self.writer.done) >= self.stop_after:
             raise KeyboardInterrupt(f"stopped after {self.stop_after} units (test hook)")
 
     # -- the run -----------------------------------------------------------------------------
@@ -360,9 +331,7 @@ class Engine:
         self.global_ranks = None
         self.resumed = self.writer.open() if self.writer is not None else False
         done = self.writer.done if self.writer is not None else []
-        if self.full_plan is not None:
-            pass
-        elif self.config.ratio is not None and self.config.allocate == "global":
+        if self.full_plan is None and self.config.ratio is not None and self.config.allocate == "global":
             saved = self.writer.state.get("ranks") if self.writer is not None else None
             if saved is not None:
                 self.global_ranks = saved
@@ -376,7 +345,7 @@ class Engine:
         if done:
             saved = self.writer.load_boundary()
             streams = self._streams(saved["original"], saved["current"])
-            self._restore(done)
+            restore_units(self.result, self.writer.state, done)
         else:
             streams = self._streams(self.hidden0, self.hidden0)
         del self.hidden0
@@ -388,38 +357,5 @@ class Engine:
         self.result.seconds = {"plan": t1 - t0, "factorize": t2 - t1, "total": t2 - t0}
         self.result.peak_rss = max((u["peak_rss"] for u in self.result.units), default=memory.peak_rss())
         self.result.plan.params_model = self.params_model
-        self._untouched()
+        add_untouched(self.result, self.model, self.full_plan, self.tied, self.config.method.name)
         return self.result
-
-    def _untouched(self) -> None:
-        """Report the layers no unit planned: tied weights, and what the whole model's plan lists
-        besides its targets (unsupported modules)."""
-        seen = {lp.name for lp in self.result.plan.layers}
-        extra = [lp for lp in (self.full_plan.layers if self.full_plan is not None else []) if lp.name not in seen]
-        if self.full_plan is None:
-            for name, other in self.tied.items():
-                mod = self.model.get_submodule(name)
-                w = layer_matrix(mod)
-                m, n = w.shape
-                extra.append(LayerPlan(name, "embedding" if isinstance(mod, nn.Embedding) else "linear",
-                                       tuple(mod.weight.shape), self.config.method.name, None, m * n, m * n, 0.0,
-                                       break_even_rank(m, n), f"weight tied with {other}: kept dense"))
-        for lp in extra:
-            self.result.plan.layers.append(lp)
-            self.result.layers.append(LayerResult(lp))
-
-    def _restore(self, done: list[str]) -> None:
-        """Results of the units a previous, interrupted run finished (from the partial folder)."""
-        from ..planning.plan_types import LayerPlan as LP
-        for unit in done:
-            data = self.writer.state["data"][unit]
-            self.result.units.append(data["unit"])
-            self.result.loop.update(data["loop"])
-            self.result.entries.update(data["entries"])
-            for d in data["plan"]:
-                d = dict(d, shape=tuple(d["shape"]), choice=None)
-                self.result.plan.layers.append(LP(**d))
-            by = {lp.name: lp for lp in self.result.plan.layers}
-            for r in data["results"]:
-                self.result.layers.append(LayerResult(by[r["name"]], r["relative_error"], r["optimal_error"],
-                                                      r["error_ratio"], r["error_metric"]))

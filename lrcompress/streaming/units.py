@@ -135,39 +135,40 @@ class UnitBatch(Batch):
         return self.runner(model)
 
 
-class Catcher(nn.Module):
-    """Stands in for the first block: records the call and stops the forward pass."""
+class StandIn(nn.Module):
+    """Takes a block's place in its module list; reads of block attributes the model makes
+    (``attention_type``...) go to the block."""
 
     def __init__(self, block: nn.Module) -> None:
         super().__init__()
         self.block = block
-        self.calls: list[tuple[tuple, dict[str, Any]]] = []
 
-    def __getattr__(self, name: str) -> Any:  # the model may read a block attribute (attention_type)
+    def __getattr__(self, name: str) -> Any:
         try:
             return super().__getattr__(name)
         except AttributeError:
             return getattr(self._modules["block"], name)
+
+
+class Catcher(StandIn):
+    """Stands in for the first block: records the call and stops the forward pass."""
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__(block)
+        self.calls: list[tuple[tuple, dict[str, Any]]] = []
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         self.calls.append((args, kwargs))
         raise StopForward
 
 
-class Replay(nn.Module):
+class Replay(StandIn):
     """Stands in for a block after the last one is done: returns the stored final hidden state
     (in the form the blocks return it), whatever it is fed."""
 
     def __init__(self, block: nn.Module, hidden: torch.Tensor, tuple_out: bool) -> None:
-        super().__init__()
-        self.block = block
+        super().__init__(block)
         self.hidden, self.tuple_out = hidden, tuple_out
-
-    def __getattr__(self, name: str) -> Any:  # the model may read a block attribute (attention_type)
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self._modules["block"], name)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return (self.hidden,) if self.tuple_out else self.hidden

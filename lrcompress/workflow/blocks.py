@@ -15,7 +15,8 @@ from torch import nn
 from ..config import CompressConfig
 from ..errors import ConfigError
 from ..io.data import TensorData, TextData
-from ..streaming.engine import Engine, StreamResult
+from ..streaming.engine import Engine
+from ..streaming.record import StreamResult
 from ..streaming.weights import LazyCheckpoint
 from ..streaming.writer import ShardWriter
 from .report import CompressionReport, param_bytes
